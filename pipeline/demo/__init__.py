@@ -1,0 +1,1 @@
+"""The embedded default: a local STAC catalog (real + synthetic scenes) served on loopback."""
