@@ -1,0 +1,380 @@
+"""Seasonal cubes: for one location, a lazy stackstac cube per modality on its UTM grid.
+
+The grid is the location's own: ``epsg`` from the locations table, bounds = the patch bounds
+(``xmin, ymin, xmax, ymax``, already snapped to 10 m), resolution 10 m, exactly 264 x 264 px.
+Every asset is warped onto that grid by GDAL (through stackstac's ``WarpedVRT``), so scenes from
+a neighbouring UTM zone or tile land on the same pixels as the location's own zone.
+
+Conventions (see :mod:`pipeline.layout`):
+
+* **S2** (L2A 12 bands, L1C 13): uint16 DN, ``fill_value=np.uint16(0)``, ``rescale=False``; the
+  20 m / 60 m bands are resampled (bilinear by default; ``resampling=`` changes it). The
+  +1000 offset that ESA added from processing baseline 04.00 is harmonised to one convention
+  (:data:`pipeline.layout.S2_DEFAULT_CONVENTION`, ``v1.1`` = +1000 everywhere): older scenes get
+  +1000 on valid (non-zero) pixels, 0 stays nodata. SCL (nearest) gives ``cloud_mask`` (1 where
+  SCL is in :data:`pipeline.layout.SCL_CLOUD_CLASSES`, 0 elsewhere, 255 where unknown: no SCL,
+  e.g. L1C, or nodata) and the valid-pixel fraction (all bands non-zero and SCL not in
+  :data:`pipeline.layout.SCL_INVALID_CLASSES`).
+* **S1 RTC**: linear gamma0 float32, file nodata -32768 (and any value <= 0, which has no dB)
+  becomes NaN, then ``10 * log10`` to dB.
+* Time is chronological per modality (sorted by acquisition datetime, then item id).
+
+Hrefs in the scenes table are unsigned; :func:`location_cubes` signs a *copy* of each item just
+before building the cube, which happens inside the Dask task that reads it (tokens never
+travel through the graph and never expire while waiting in a queue).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import layout
+from .errors import UserError
+
+#: GDAL settings for COGs over HTTP, layered on stackstac's defaults (open: VSI cache on, read:
+#: off). Retries come from GDAL (stackstac has none); 403 is never retried (expired tokens must
+#: fail loudly, not turn into holes).
+GDAL_HTTP_ENV: dict[str, Any] = {
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
+    "GDAL_HTTP_TIMEOUT": "60",
+    "GDAL_HTTP_CONNECTTIMEOUT": "10",
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF",
+    "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
+    "GDAL_CACHEMAX": 256,
+    "VSI_CACHE_SIZE": "5000000",
+}
+
+#: The scene-classification band (S2 L2A), read with nearest resampling for the cloud mask.
+SCL_BAND = "SCL"
+#: cloud_mask value where the cloud state is unknown (no SCL asset, or nodata).
+CLOUD_UNKNOWN = 255
+
+
+def gdal_env(overrides: Mapping[str, Any] | None = None):  # -> stackstac.rio_env.LayeredEnv
+    """stackstac's layered GDAL environment plus :data:`GDAL_HTTP_ENV` (and ``overrides``)."""
+    import stackstac
+
+    always = dict(GDAL_HTTP_ENV)
+    always.update(overrides or {})
+    return stackstac.DEFAULT_GDAL_ENV.updated(always=always)
+
+
+# ------------------------------------------------------------------------------------ provider
+def get_provider(name: str = "auto", hrefs: Iterable[str] = ()) -> Any:
+    """The provider profile ``name`` from :mod:`pipeline.providers` (``auto``: Planetary
+    Computer when the hrefs point to Azure blob storage, else the local catalog). The build
+    needs only asset keys and signing, so the local profile gets a placeholder API URL."""
+    from . import providers
+
+    if name == "auto":
+        name = "local"
+        for href in hrefs:
+            if ".blob.core.windows.net" in href:
+                name = "planetary-computer"
+            break
+    return providers.get_provider(name, "http://build.invalid/" if name == "local" else None)
+
+
+# ----------------------------------------------------------------------------------------- grid
+@dataclass(frozen=True)
+class Grid:
+    """A location's patch grid: EPSG code and bounds (xmin, ymin, xmax, ymax) at 10 m."""
+
+    epsg: int
+    bounds: tuple[float, float, float, float]
+
+    @classmethod
+    def from_location(cls, loc: Mapping[str, Any]) -> Grid:
+        bounds = tuple(float(loc[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+        grid = cls(int(loc["epsg"]), bounds)  # type: ignore[arg-type]
+        grid.check(str(loc.get("sample", "?")))
+        return grid
+
+    def check(self, sample: str = "?") -> None:
+        xmin, ymin, xmax, ymax = self.bounds
+        res = layout.PIXEL_SIZE_M
+        w, h = (xmax - xmin) / res, (ymax - ymin) / res
+        snapped = all(abs(v / res - round(v / res)) < 1e-6 for v in self.bounds)
+        if not (w == layout.PATCH_PIXELS and h == layout.PATCH_PIXELS and snapped):
+            raise UserError(
+                f"location {sample}: bounds {self.bounds} are not a {layout.PATCH_PIXELS} x "
+                f"{layout.PATCH_PIXELS} px patch snapped to the {res:g} m grid ({w:g} x {h:g} px); "
+                "re-create the locations table with `ssl4eo sample`"
+            )
+
+    @property
+    def transform(self):  # -> affine.Affine
+        from affine import Affine
+
+        return Affine(layout.PIXEL_SIZE_M, 0, self.bounds[0], 0, -layout.PIXEL_SIZE_M,
+                      self.bounds[3])
+
+    def x_centres(self) -> np.ndarray:
+        return self.bounds[0] + layout.PIXEL_SIZE_M * (np.arange(layout.PATCH_PIXELS) + 0.5)
+
+    def y_centres(self) -> np.ndarray:
+        return self.bounds[3] - layout.PIXEL_SIZE_M * (np.arange(layout.PATCH_PIXELS) + 0.5)
+
+
+# ---------------------------------------------------------------------------------------- items
+_FOOTPRINT_KEYS = ("proj:bbox", "proj:shape", "proj:transform", "proj:geometry", "proj:epsg",
+                   "proj:code", "proj:wkt2", "proj:projjson")
+
+
+def _pin_footprint(item: dict[str, Any], grid: Grid) -> dict[str, Any]:
+    """Replace footprint metadata by the patch itself, so that stackstac never skips an asset
+    because of (possibly wrong) metadata: the file's own georeferencing decides what lands on
+    the grid. A scene whose metadata disagrees with its file then shows up as zero valid pixels
+    (and is recorded as such), never as silently misplaced data."""
+    props = item.setdefault("properties", {})
+    for key in _FOOTPRINT_KEYS:
+        props.pop(key, None)
+    for asset in item.get("assets", {}).values():
+        for key in _FOOTPRINT_KEYS:
+            asset.pop(key, None)
+        asset["proj:epsg"] = grid.epsg
+        asset["proj:bbox"] = list(grid.bounds)
+    item.pop("bbox", None)
+    return item
+
+
+def prepare_items(
+    item_jsons: Sequence[str | Mapping[str, Any]],
+    asset_keys: Sequence[str],
+    sign: Callable[[str], str],
+    grid: Grid,
+) -> list[dict[str, Any]]:
+    """Copies of the items, chronological, with only ``asset_keys`` and signed hrefs.
+
+    Raises :class:`UserError` when an item lacks one of the asset keys.
+    """
+    items = []
+    for raw in item_jsons:
+        item = json.loads(raw) if isinstance(raw, str) else copy.deepcopy(dict(raw))
+        assets = item.get("assets", {})
+        missing = [k for k in asset_keys if k not in assets]
+        if missing:
+            raise UserError(
+                f"scene {item.get('id')!r} has no asset(s) {missing} (has {sorted(assets)}); "
+                "the scenes table does not match this provider's band names"
+            )
+        item["assets"] = {k: dict(assets[k], href=sign(assets[k]["href"])) for k in asset_keys}
+        items.append(_pin_footprint(item, grid))
+    items.sort(key=lambda it: (it["properties"]["datetime"], it["id"]))
+    return items
+
+
+def _baseline_needs_offset(item: Mapping[str, Any]) -> bool:
+    """True when the scene's DNs lack the +1000 offset (processing baseline < 04.00)."""
+    baseline = item["properties"].get("s2:processing_baseline")
+    if baseline is None:  # fall back to the product id (``_N0400_``) or acquisition date
+        pid = str(item["properties"].get("s2:product_uri") or item.get("id", ""))
+        m = re.search(r"_N(\d{2})(\d{2})_", pid)
+        if m:
+            baseline = f"{m.group(1)}.{m.group(2)}"
+        else:
+            return str(item["properties"]["datetime"]) < "2022-01-25"
+    if str(baseline) in ("99.99",):  # Major-TOM/ESA reprocessing marker: current baseline
+        return False
+    return str(baseline) < layout.S2_OFFSET_BASELINE
+
+
+# ----------------------------------------------------------------------------------------- cube
+def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, chunks=None):
+    import stackstac
+    from rasterio.enums import Resampling
+
+    n = layout.PATCH_PIXELS
+    da = stackstac.stack(
+        items,
+        assets=list(assets),
+        epsg=grid.epsg,
+        bounds=grid.bounds,
+        resolution=layout.PIXEL_SIZE_M,
+        snap_bounds=False,
+        resampling=Resampling[resampling],
+        chunksize=chunks or (1, 1, n, n),
+        dtype=np.dtype(dtype),
+        fill_value=fill,
+        rescale=False,
+        sortby_date=False,
+        xy_coords="center",
+        properties=False,
+        band_coords=False,
+        gdal_env=env,
+        errors_as_nodata=(),  # a missing asset is an error, never silent fill
+    )
+    assert da.shape[-2:] == (n, n), f"cube is {da.shape[-2:]}, not {n} x {n}"
+    return da
+
+
+def s2_cube(
+    item_jsons: Sequence[str | Mapping[str, Any]],
+    grid: Grid,
+    *,
+    modality: str = layout.S2L2A,
+    provider: Any = None,
+    resampling: str = "bilinear",
+    convention: str = layout.S2_DEFAULT_CONVENTION,
+    env_overrides: Mapping[str, Any] | None = None,
+):  # -> xr.Dataset
+    """Lazy S2 cube (time, band, y, x) uint16 harmonised to ``convention``, with ``cloud_mask``
+    (time, y, x) uint8 and ``valid_fraction`` (time,) float32."""
+    import xarray as xr
+
+    provider = provider or get_provider("local")
+    band_assets = provider.band_assets(modality)
+    bands = layout.BANDS[modality]
+    keys = [band_assets[b] for b in bands]
+    probe = [json.loads(r) if isinstance(r, str) else r for r in item_jsons]
+    scl_key = band_assets.get(SCL_BAND, SCL_BAND)
+    has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in probe)
+    all_keys = keys + ([scl_key] if has_scl else [])
+    items = prepare_items(item_jsons, all_keys, provider.sign, grid)
+    env = gdal_env(env_overrides)
+    data = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
+                  env=env)
+    data = data.assign_coords(band=list(bands))
+
+    # offset harmonisation: target offset minus the scene's own offset, on valid pixels only
+    target = layout.S2_OFFSET_CONVENTIONS[convention]
+    scene_offset = np.array(
+        [0 if _baseline_needs_offset(it) else layout.S2_BASELINE_OFFSET for it in items]
+    )
+    shift = xr.DataArray((target - scene_offset).astype(np.int32), dims="time")
+    valid_px = data != layout.S2_NODATA
+    if (shift != 0).any():
+        wide = data.astype(np.int32) + shift
+        # a valid pixel never becomes nodata (0) nor wraps: clip to 1..65535
+        data = xr.where(valid_px, wide.clip(1, 65535), 0).astype(np.uint16)
+
+    valid = valid_px.all("band")
+    if has_scl:
+        scl = _stack(items, [scl_key], grid, dtype="uint8", fill=np.uint8(0),
+                     resampling="nearest", env=env).isel(band=0, drop=True)
+        valid = valid & ~scl.isin(list(layout.SCL_INVALID_CLASSES))
+        cloud = xr.where(valid, scl.isin(list(layout.SCL_CLOUD_CLASSES)), CLOUD_UNKNOWN)
+        cloud = cloud.astype(np.uint8)
+    else:
+        cloud = xr.full_like(valid, CLOUD_UNKNOWN, dtype=np.uint8)
+    return _finish(data, cloud, valid, items, grid)
+
+
+def s1_cube(
+    item_jsons: Sequence[str | Mapping[str, Any]],
+    grid: Grid,
+    *,
+    modality: str = layout.S1RTC,
+    provider: Any = None,
+    resampling: str = "bilinear",
+    env_overrides: Mapping[str, Any] | None = None,
+):  # -> xr.Dataset
+    """Lazy S1 RTC cube (time, band, y, x) float32 in dB, NaN as nodata."""
+    provider = provider or get_provider("local")
+    band_assets = provider.band_assets(modality)
+    bands = layout.BANDS[modality]
+    keys = [band_assets[b] for b in bands]
+    items = prepare_items(item_jsons, keys, provider.sign, grid)
+    lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
+                 resampling=resampling, env=gdal_env(env_overrides))
+    lin = lin.assign_coords(band=list(bands))
+    lin = lin.where((lin != layout.S1_RTC_FILE_NODATA) & (lin > 0))
+    db = (10.0 * np.log10(lin)).astype(np.float32)
+    valid = np.isfinite(db).all("band")
+    return _finish(db, None, valid, items, grid)
+
+
+def _finish(data, cloud, valid, items, grid: Grid):
+    import pandas as pd
+    import xarray as xr
+
+    n = layout.PATCH_PIXELS
+    times = pd.to_datetime([it["properties"]["datetime"] for it in items], utc=True)
+    times = times.tz_localize(None).values.astype("datetime64[ns]")
+    data = data.drop_vars([c for c in data.coords if c not in ("band",)])
+    coords = {
+        "time": ("time", times),
+        "band": ("band", data.band.values),
+        "y": ("y", grid.y_centres()),
+        "x": ("x", grid.x_centres()),
+        "file_id": ("time", np.array([it["id"] for it in items], dtype=object)),
+        "cloud_cover": ("time", np.array(
+            [it["properties"].get("eo:cloud_cover", np.nan) for it in items], dtype=np.float32
+        )),
+    }
+    ds = xr.Dataset({"bands": data.variable.set_dims(("time", "band", "y", "x"))}, coords=coords)
+    ds["valid_fraction"] = valid.variable.astype(np.float32).mean(("y", "x")).astype(np.float32)
+    if cloud is not None:
+        ds["cloud_mask"] = (("time", "y", "x"), cloud.data)
+    assert ds.sizes["y"] == n and ds.sizes["x"] == n
+    ds.attrs.update(epsg=grid.epsg, bounds=list(grid.bounds))
+    return ds
+
+
+def modality_cube(modality: str, item_jsons, grid: Grid, **kwargs):
+    """The lazy cube for ``modality`` (dispatch to :func:`s2_cube` / :func:`s1_cube`)."""
+    if modality in (layout.S2L2A, layout.S2L1C):
+        return s2_cube(item_jsons, grid, modality=modality, **kwargs)
+    if modality == layout.S1RTC:
+        kwargs.pop("convention", None)
+        return s1_cube(item_jsons, grid, modality=modality, **kwargs)
+    raise UserError(f"modality {modality!r} is not supported (supported: {layout.MODALITIES})")
+
+
+def location_cubes(
+    location: Mapping[str, Any],
+    scenes: Any,
+    *,
+    modalities: Sequence[str] | None = None,
+    provider: Any = None,
+    resampling: str = "bilinear",
+    convention: str = layout.S2_DEFAULT_CONVENTION,
+    env_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Lazy cubes for one location: ``{modality: xr.Dataset}`` from its rows of the scenes table
+    (``status == "ok"`` rows only; a modality with no scene is absent from the result).
+
+    Each dataset carries a ``season`` coordinate along ``time``; time is chronological.
+    """
+    grid = Grid.from_location(location)
+    rows = scenes[(scenes["sample"] == location["sample"]) & (scenes["status"] == "ok")]
+    out = {}
+    for modality in modalities or sorted(set(rows["modality"])):
+        sub = rows[rows["modality"] == modality]
+        if len(sub) == 0:
+            continue
+        ds = modality_cube(modality, list(sub["item_json"]), grid, provider=provider,
+                           resampling=resampling, convention=convention,
+                           env_overrides=env_overrides)
+        season_by_id = dict(zip(sub["item_id"], sub["season"], strict=True))
+        seasons = [int(season_by_id[i]) for i in ds.file_id.values]
+        ds = ds.assign_coords(season=("time", np.array(seasons, dtype=np.int8)))
+        out[modality] = ds
+    return out
+
+
+def linear_to_db(x: np.ndarray) -> np.ndarray:
+    """10 * log10(x) for positive finite x, NaN elsewhere (reference for tests)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.full(x.shape, np.nan)
+    ok = np.isfinite(x) & (x > 0)
+    out[ok] = 10.0 * np.log10(x[ok])
+    return out.astype(np.float32)
+
+
+__all__ = [
+    "GDAL_HTTP_ENV", "Grid", "gdal_env", "get_provider", "location_cubes",
+    "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db",
+]
