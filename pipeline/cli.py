@@ -16,7 +16,7 @@ from .errors import UserError
 
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
-
+    "pipeline.demo.cli",
 )
 
 
