@@ -1,0 +1,833 @@
+"""PyTorch datasets over the SSL4EO Zarr store (layout in :mod:`pipeline.layout`).
+
+Two datasets share one sample builder:
+
+* :class:`ZarrPatchDataset`: map-style. One item = one location (a complete sample), read
+  chunk by chunk (one inner chunk per (sample, season, modality)). Use it with any sampler,
+  ``DistributedSampler`` included.
+* :class:`ZarrShardStream`: iterable. Reads whole shards (one read per shard per modality) in a
+  shuffled order, mixes samples through a shuffle buffer and splits the shards over ranks and
+  DataLoader workers, so that every complete sample is served exactly once per epoch; the
+  order is a function of ``seed`` and the epoch. Made for object storage, where a shard is one
+  large GET instead of many small ones.
+
+Items are dicts. Season modes (``seasons=``):
+
+* an ``int`` k: ``image`` [C, H, W] from season k (samples without season k are skipped);
+* ``"random"``: ``image`` [C, H, W] from one season drawn among those with data;
+* ``"all"``: ``image`` [T, C, H, W], the seasons with data in time order (by default only
+  samples with all four seasons are served, so that batches collate);
+* ``"augment"``: ``views``, a list of ``num_views`` tensors [C, H, W], each from a season drawn
+  independently among those with data (SSL4EO-S12's seasonal augmentation: two views of one
+  location from two independently drawn seasons; ``num_views=3`` gives DINO's local-crop
+  source as the third).
+
+With ``stack=False`` each tensor above is a dict ``{modality: tensor}``; transforms then see the
+modalities concatenated along the band axis (so crops and flips are shared) and the result is
+split back. Metadata (``return_metadata=True``): ``sample`` (7-digit id), ``index`` (row in
+the store), ``seasons`` (the season index of each returned time step or view), ``time``
+(``{modality: acquisition time, int64 ns since the epoch}`` per returned season), ``lat``,
+``lon`` and ``bands`` (band names, in channel order).
+
+Values are float32. Normalisation: ``normalize=True``/``"store"`` uses the statistics in the
+store's root attributes (:data:`~pipeline.layout.ATTR_STATS`), a dict gives them
+(``{"S2L2A": {"mean": [...], "std": [...]}}``, or ``{"mean", "std"}`` for one modality; with
+``stack=True`` a flat list over the stacked bands also works), ``False`` returns stored values
+(S2 DN in the v1.1 +1000 convention, S1 dB). Nodata pixels (S2 ``0``, S1 ``NaN``) are set to
+``fill_nodata`` (default ``0.0``, the band mean after normalisation; ``None`` keeps them).
+
+Randomness (season draws and transforms from :mod:`pipeline.transforms`) is a function of
+``(seed, epoch, sample index)``: an item is the same whichever worker or rank reads it. Call
+``set_epoch(epoch)`` each epoch. ``seed=None`` draws from torch's global generator instead
+(seeded per worker by the DataLoader), which also gives fresh draws with persistent workers.
+
+The store is opened lazily, inside each worker, on first use; no zarr handle is pickled, so
+both datasets work with ``multiprocessing_context="spawn"`` or ``"forkserver"`` (prefer those:
+forking after zarr's I/O thread has started can deadlock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from . import layout
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SeasonMode = int | Literal["all", "random", "augment"]
+Normalize = bool | Literal["store"] | Mapping[str, Any]
+
+__all__ = [
+    "CorruptSampleError",
+    "StoreIndex",
+    "ZarrPatchDataset",
+    "ZarrShardStream",
+    "partition_shards",
+    "read_store_index",
+]
+
+
+class CorruptSampleError(StoreError):
+    """A sample's chunks cannot be read or decoded (a damaged or missing shard file)."""
+
+
+# ------------------------------------------------------------------------------ store index
+@dataclass(frozen=True)
+class ModalityIndex:
+    """What the loader needs to know about one modality group, read once at start-up."""
+
+    name: str
+    bands: tuple[str, ...]
+    dtype: str
+    shape: tuple[int, ...]  # (sample, time, band, y, x)
+    shard_shape: tuple[int, ...]  # shard (or chunk, if unsharded) shape of ``bands``
+    times: np.ndarray  # (sample, time) datetime64[ns], NaT where missing
+    available: np.ndarray  # (sample, time) bool: a scene exists
+
+    @property
+    def shard_samples(self) -> int:
+        return int(self.shard_shape[0])
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """The per-sample tables of a store, validated against :mod:`pipeline.layout`."""
+
+    url: str
+    sample_ids: np.ndarray  # (sample,) str
+    status: np.ndarray  # (sample,) uint8
+    lat: np.ndarray
+    lon: np.ndarray
+    modalities: dict[str, ModalityIndex]
+    stats: dict[str, Any]
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def complete(self) -> np.ndarray:
+        return self.status == layout.STATUS_CODES["complete"]
+
+
+def _display(url: Any) -> str:
+    from .storage import redact
+
+    return str(redact(os.fspath(url)))
+
+
+def _open_store(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None):
+    from .storage import open_store
+
+    return open_store(url, mode="r", storage_options=storage_options)
+
+
+def _open_root(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None):
+    import zarr
+
+    store = _open_store(url, storage_options)
+    try:
+        return zarr.open_group(store, mode="r", zarr_format=3)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeTypeValidationError) as exc:
+        raise StoreError(
+            f"no Zarr v3 store at {_display(url)!r} ({type(exc).__name__}: {exc}); check the "
+            "path or URL, or build the store first with `ssl4eo build`"
+        ) from exc
+
+
+def _decoded_times(store: Any, group: str, n: int, ntime: int) -> tuple[np.ndarray, np.ndarray]:
+    """Acquisition times (datetime64[ns], NaT where missing) and availability for one group.
+
+    ``time_`` is CF-encoded by xarray; xarray decodes it. Falls back to ``file_id != ""``.
+    """
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = xr.open_zarr(store, group=group, consolidated=None, chunks=None, zarr_format=3)
+        if "time_" in ds.variables:
+            times = np.asarray(ds["time_"].values).astype("datetime64[ns]")
+            return times, ~np.isnat(times)
+        if "file_id" in ds.variables:
+            ids = np.asarray(ds["file_id"].values).astype(str)
+            return np.full((n, ntime), np.datetime64("NaT"), "datetime64[ns]"), ids != ""
+    return np.full((n, ntime), np.datetime64("NaT"), "datetime64[ns]"), np.ones((n, ntime), bool)
+
+
+def read_store_index(
+    url: str | os.PathLike[str],
+    modalities: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+) -> StoreIndex:
+    """Open the store at ``url``, check it against the layout and read its per-sample tables.
+
+    Raises :class:`~pipeline.errors.StoreError` for a missing store, a wrong schema version,
+    a missing modality group, or a group whose arrays do not match the layout.
+    """
+    import zarr
+
+    shown = _display(url)
+    root = _open_root(url, storage_options)
+    attrs = dict(root.attrs)
+    version = attrs.get(layout.ATTR_SCHEMA)
+    if version is None:
+        raise StoreError(
+            f"store {shown!r} has no {layout.ATTR_SCHEMA!r} attribute, so it was not written by "
+            "this pipeline (or its template was never finished); build it with `ssl4eo build`"
+        )
+    if str(version) != layout.SCHEMA_VERSION:
+        raise StoreError(
+            f"store {shown!r} has schema version {version!r} but this loader reads version "
+            f"{layout.SCHEMA_VERSION!r}; rebuild the store with this version of the pipeline or "
+            "install the version that wrote it"
+        )
+    groups = sorted(name for name, _ in root.groups())
+    arrays = {name for name, _ in root.arrays()}
+    if "status" not in arrays:
+        raise StoreError(
+            f"store {shown!r} has no root 'status' array, so no sample is known to be complete; "
+            "finish or resume the build (`ssl4eo build` resumes)"
+        )
+    status = np.asarray(root["status"][:], dtype=np.uint8)
+    n = len(status)
+    index: dict[str, ModalityIndex] = {}
+    sample_ids: np.ndarray | None = None
+    lat = lon = None
+    for m in modalities:
+        if m not in groups:
+            raise StoreError(
+                f"store {shown!r} has no group {m!r} (it has: {', '.join(groups) or 'none'}); "
+                f"choose modalities from those, or build {m} into the store"
+            )
+        g = root[m]
+        members = {name for name, _ in g.arrays()}
+        if "bands" not in members:
+            raise StoreError(f"group {m!r} of store {shown!r} has no 'bands' array; rebuild it")
+        arr = g["bands"]
+        if arr.ndim != 5 or arr.shape[0] != n:
+            raise StoreError(
+                f"{m}/bands in store {shown!r} has shape {arr.shape}; the layout is (sample={n}, "
+                "time, band, y, x): the store is incompatible with this loader"
+            )
+        names = (
+            tuple(str(b) for b in g["band"][:]) if "band" in members else layout.BANDS.get(m, ())
+        )
+        if len(names) != arr.shape[2]:
+            raise StoreError(
+                f"{m}/bands in store {shown!r} has {arr.shape[2]} bands but {len(names)} band "
+                "names; the store is incompatible with this loader"
+            )
+        ids = np.asarray(g["sample"][:]).astype(str) if "sample" in members else None
+        if ids is not None:
+            if sample_ids is None:
+                sample_ids = ids
+            elif not np.array_equal(ids, sample_ids):
+                raise StoreError(
+                    f"the sample coordinates of group {m!r} differ from {modalities[0]!r} in "
+                    f"store {shown!r}; groups must share one sample axis"
+                )
+        if lat is None and {"center_lat", "center_lon"} <= members:
+            lat = np.asarray(g["center_lat"][:], dtype=np.float64)
+            lon = np.asarray(g["center_lon"][:], dtype=np.float64)
+        times, avail = _decoded_times(root.store, m, n, arr.shape[1])
+        shard_shape = tuple(arr.shards or arr.chunks)
+        index[m] = ModalityIndex(
+            name=m, bands=names, dtype=str(arr.dtype), shape=tuple(arr.shape),
+            shard_shape=shard_shape, times=times, available=avail,
+        )
+    if sample_ids is None:
+        sample_ids = np.array([layout.sample_id(i) for i in range(n)])
+    if lat is None:
+        lat = lon = np.full(n, np.nan)
+    spatial = {mi.shape[3:] for mi in index.values()}
+    if len(spatial) > 1:
+        raise StoreError(
+            f"modalities {list(modalities)} in store {shown!r} have different patch sizes "
+            f"{sorted(spatial)}; they cannot be stacked"
+        )
+    del zarr
+    return StoreIndex(
+        url=os.fspath(url), sample_ids=sample_ids, status=status, lat=lat, lon=lon,
+        modalities=index, stats=dict(attrs.get(layout.ATTR_STATS) or {}),
+    )
+
+
+# -------------------------------------------------------------------------------- helpers
+def _is_s1(modality: str, dtype: str) -> bool:
+    return modality.startswith("S1") or np.dtype(dtype).kind == "f"
+
+
+def _norm_from(
+    normalize: Normalize, index: StoreIndex, modalities: Sequence[str], url: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """Per-modality (mean, 1/std) arrays shaped (C, 1, 1), or None for no normalisation."""
+    if normalize is False:
+        return None
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if normalize is True or normalize == "store":
+        source: Mapping[str, Any] = index.stats
+        for m in modalities:
+            entry = source.get(m)
+            if not entry or "mean" not in entry or "std" not in entry:
+                raise StoreError(
+                    f"store {url!r} has no band statistics for {m} in its "
+                    f"{layout.ATTR_STATS!r} attribute; compute them when building the store, or "
+                    "pass normalize={'<modality>': {'mean': [...], 'std': [...]}} or "
+                    "normalize=False"
+                )
+            stat_bands = entry.get("bands")
+            if stat_bands is not None and tuple(stat_bands) != index.modalities[m].bands:
+                raise StoreError(
+                    f"the statistics for {m} in store {url!r} are for bands {list(stat_bands)} "
+                    f"but the store holds {list(index.modalities[m].bands)}; recompute them"
+                )
+    elif isinstance(normalize, Mapping):
+        if "mean" in normalize and "std" in normalize:
+            mean = np.asarray(normalize["mean"], dtype=np.float64).ravel()
+            std = np.asarray(normalize["std"], dtype=np.float64).ravel()
+            sizes = [len(index.modalities[m].bands) for m in modalities]
+            if len(modalities) == 1 or len(mean) == sum(sizes):
+                source, start = {}, 0
+                for m, c in zip(modalities, sizes):
+                    source[m] = {"mean": mean[start:start + c], "std": std[start:start + c]}
+                    start += c
+            else:
+                raise ValueError(
+                    f"normalize has {len(mean)} means for modalities {list(modalities)} with "
+                    f"{sum(sizes)} bands in all; give one value per band or a dict per modality"
+                )
+        else:
+            source = normalize
+            for m in modalities:
+                if m not in source:
+                    raise ValueError(f"normalize has no entry for modality {m!r}")
+    else:
+        raise ValueError(f"normalize must be True, False, 'store' or a dict, not {normalize!r}")
+    for m in modalities:
+        c = len(index.modalities[m].bands)
+        mean = np.asarray(source[m]["mean"], dtype=np.float32).ravel()
+        std = np.asarray(source[m]["std"], dtype=np.float32).ravel()
+        if mean.shape != (c,) or std.shape != (c,):
+            raise ValueError(
+                f"normalisation for {m} needs {c} means and stds, got {mean.size} and {std.size}"
+            )
+        if np.any(std <= 0) or not np.all(np.isfinite(std)):
+            raise ValueError(f"normalisation for {m} has a non-positive or non-finite std: {std}")
+        out[m] = (mean.reshape(c, 1, 1), (1.0 / std).reshape(c, 1, 1))
+    return out
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFF for v in values]).generate_state(
+        2, np.uint32
+    ).view(np.uint64)[0] >> 1)
+
+
+def partition_shards(counts: Sequence[int], order: Sequence[int], parts: int) -> list[list[int]]:
+    """Split shards into ``parts`` lists with near-equal sample counts.
+
+    Shards are taken in ``order`` and each goes to the part with the fewest samples so far
+    (lowest part on ties), so every shard lands in exactly one part.
+    """
+    load = [0] * parts
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for s in order:
+        p = min(range(parts), key=lambda k: (load[k], k))
+        out[p].append(int(s))
+        load[p] += int(counts[s])
+    return out
+
+
+def _accepts_generator(transform: Any) -> bool:
+    return bool(getattr(transform, "accepts_generator", False))
+
+
+# ------------------------------------------------------------------------------- base class
+class _StoreSamples:
+    """Option handling, store index, lazy array handles and the item builder."""
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str],
+        modalities: str | Sequence[str] = (layout.S2L2A,),
+        stack: bool = True,
+        seasons: SeasonMode = "all",
+        num_views: int = 2,
+        normalize: Normalize = True,
+        transform: Callable | Sequence[Callable] | None = None,
+        seed: int | None = 0,
+        return_metadata: bool = True,
+        *,
+        min_seasons: int | None = None,
+        fill_nodata: float | None = 0.0,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(modalities, str):
+            modalities = (modalities,)
+        self.modalities = tuple(modalities)
+        if not self.modalities:
+            raise ValueError("modalities must name at least one modality group")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {self.modalities} repeat a name")
+        if isinstance(seasons, bool) or not (
+            isinstance(seasons, int) or seasons in ("all", "random", "augment")
+        ):
+            raise ValueError(
+                f"seasons must be an int season index, 'all', 'random' or 'augment', not "
+                f"{seasons!r}"
+            )
+        if seasons == "augment" and num_views < 1:
+            raise ValueError(f"num_views must be >= 1, not {num_views}")
+        self.url = os.fspath(store)
+        self.storage_options = dict(storage_options or {})
+        self.stack = stack
+        self.seasons = seasons
+        self.num_views = int(num_views)
+        self.transform = transform
+        if isinstance(transform, Sequence) and not isinstance(transform, str | bytes):
+            if seasons != "augment" or len(transform) != self.num_views:
+                raise ValueError(
+                    "a list of transforms is one per view: it needs seasons='augment' and "
+                    f"num_views={len(transform)}"
+                )
+        self.seed = seed
+        self.return_metadata = return_metadata
+        self.fill_nodata = fill_nodata
+        self.epoch = 0
+
+        self.index = read_store_index(self.url, self.modalities, self.storage_options)
+        shown = _display(self.url)
+        ntime = {mi.shape[1] for mi in self.index.modalities.values()}
+        self.num_times = min(ntime)
+        if isinstance(seasons, int) and not 0 <= seasons < self.num_times:
+            raise ValueError(f"season {seasons} is out of range 0..{self.num_times - 1}")
+        self._norm = _norm_from(normalize, self.index, self.modalities, shown)
+        # a season is usable when every requested modality has a scene for it
+        avail = np.ones((self.index.n_samples, self.num_times), dtype=bool)
+        for mi in self.index.modalities.values():
+            avail &= mi.available[:, : self.num_times]
+        self._available = avail
+        if min_seasons is None:
+            min_seasons = self.num_times if seasons == "all" else 1
+        self.min_seasons = int(min_seasons)
+        ok = self.index.complete & (avail.sum(axis=1) >= max(self.min_seasons, 1))
+        if isinstance(seasons, int):
+            ok &= avail[:, seasons]
+        self._eligible = np.flatnonzero(ok)
+        if len(self._eligible) == 0:
+            log.warning(
+                "store %s has no sample to serve (%d complete of %d; season rule %r, "
+                "min_seasons=%d)", shown, int(self.index.complete.sum()), self.index.n_samples,
+                seasons, self.min_seasons,
+            )
+        self._channels = [len(self.index.modalities[m].bands) for m in self.modalities]
+        self._arrays: dict[str, Any] | None = None
+
+    # -------------------------------------------------------------------- public properties
+    @property
+    def band_names(self) -> list[str]:
+        """Band names in channel order (stacked: modalities in the order given)."""
+        if self.stack or len(self.modalities) == 1:
+            return [b for m in self.modalities for b in self.index.modalities[m].bands]
+        return [f"{m}:{b}" for m in self.modalities for b in self.index.modalities[m].bands]
+
+    @property
+    def num_bands(self) -> int:
+        """Number of channels of ``image`` / each view (sum over modalities); ``in_chans``."""
+        return sum(self._channels)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Stored (height, width) of a patch."""
+        shape = next(iter(self.index.modalities.values())).shape
+        return int(shape[3]), int(shape[4])
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """Ids of the samples served, in index order."""
+        return [str(self.index.sample_ids[i]) for i in self._eligible]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds season draws, transforms and (streaming) the order."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # never ship open zarr handles to workers
+        return state
+
+    def _bands(self) -> dict[str, Any]:
+        if self._arrays is None:
+            import zarr
+
+            store = _open_store(self.url, self.storage_options)
+            root = zarr.open_group(store, mode="r", zarr_format=3)
+            self._arrays = {m: root[f"{m}/bands"] for m in self.modalities}
+        return self._arrays
+
+    # ---------------------------------------------------------------------- randomness
+    def _generators(
+        self, i: int, epoch: int
+    ) -> tuple[np.random.Generator, torch.Generator | None]:
+        if self.seed is None:
+            s = int(torch.randint(0, 2**62, (1,)).item())
+            return np.random.default_rng(s), None
+        s = _mix(self.seed, epoch, i)
+        g = torch.Generator()
+        g.manual_seed(s)
+        return np.random.default_rng(s), g
+
+    def _draw(self, i: int, rng: np.random.Generator) -> list[int]:
+        have = np.flatnonzero(self._available[i])
+        if isinstance(self.seasons, int):
+            return [self.seasons]
+        if self.seasons == "all":
+            return [int(t) for t in have]
+        if self.seasons == "random":
+            return [int(rng.choice(have))]
+        return [int(t) for t in rng.choice(have, size=self.num_views, replace=True)]
+
+    # ------------------------------------------------------------------------- reading
+    def _read_error(self, m: str, rows: Sequence[int], seasons: Any, exc: Exception) -> Exception:
+        arr = self._arrays[m] if self._arrays else None
+        ids = [str(self.index.sample_ids[r]) for r in rows]
+        where = ""
+        if arr is not None:
+            shard = self.index.modalities[m].shard_shape
+            keys = sorted({
+                arr.metadata.encode_chunk_key((r // shard[0],) + (0,) * (arr.ndim - 1))
+                for r in rows
+            })
+            where = f" (shard file {m}/bands/{', '.join(keys)})"
+        what = f"sample {ids[0]}" if len(ids) == 1 else f"samples {', '.join(ids)}"
+        return CorruptSampleError(
+            f"cannot read {what} (store row {', '.join(map(str, rows))}), modality {m}, "
+            f"season(s) {seasons}, from store {_display(self.url)!r}{where}: "
+            f"{type(exc).__name__}: {exc}. The shard is damaged or missing: rebuild it (re-run "
+            "`ssl4eo build`, which rewrites shards that are not complete) or restore the file"
+        )
+
+    def _read_sample(self, i: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
+        """(len(seasons), C, H, W) stored values per modality for sample row ``i``."""
+        arrays = self._bands()
+        out = {}
+        unique = sorted(set(seasons))
+        for m in self.modalities:
+            try:
+                if len(unique) == 1:
+                    data = arrays[m][i, unique[0]][None]
+                else:
+                    data = arrays[m].get_orthogonal_selection((i, unique))
+            except Exception as exc:  # noqa: BLE001 - any decode/IO failure names the sample
+                raise self._read_error(m, [i], unique, exc) from exc
+            pos = {t: k for k, t in enumerate(unique)}
+            out[m] = data if list(seasons) == unique else data[[pos[t] for t in seasons]]
+        return out
+
+    # ------------------------------------------------------------------------ building
+    def _to_float(self, m: str, raw: np.ndarray) -> np.ndarray:
+        x = raw.astype(np.float32)
+        mi = self.index.modalities[m]
+        nodata = None
+        if self.fill_nodata is not None:
+            nodata = np.isnan(x) if _is_s1(m, mi.dtype) else raw == layout.S2_NODATA
+        if self._norm is not None:
+            mean, inv = self._norm[m]
+            x -= mean
+            x *= inv
+        if nodata is not None and nodata.any():
+            x[nodata] = self.fill_nodata
+        return x
+
+    def _apply(self, x: torch.Tensor, transform: Callable | None, gen: torch.Generator | None):
+        if transform is None:
+            return x
+        if gen is not None and _accepts_generator(transform):
+            return transform(x, generator=gen)
+        return transform(x)
+
+    def _split(self, x: torch.Tensor, dim: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.stack:
+            return x
+        return dict(zip(self.modalities, torch.split(x, self._channels, dim=dim)))
+
+    def _build(
+        self, i: int, seasons: list[int], raw: dict[str, np.ndarray], gen: torch.Generator | None
+    ) -> dict[str, Any]:
+        # (S, sum C, H, W) float32: modalities concatenated along bands
+        parts = [self._to_float(m, raw[m]) for m in self.modalities]
+        x = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+        item: dict[str, Any] = {}
+        if self.seasons == "augment":
+            transforms = (
+                list(self.transform)
+                if isinstance(self.transform, Sequence)
+                else [self.transform] * self.num_views
+            )
+            item["views"] = [
+                self._split(self._apply(x[v], transforms[v], gen), 0)
+                for v in range(len(seasons))
+            ]
+        elif self.seasons == "all":
+            s, c, h, w = x.shape
+            y = self._apply(x.reshape(s * c, h, w), self.transform, gen)  # shared spatial draw
+            item["image"] = self._split(y.reshape(s, c, *y.shape[-2:]), 1)
+        else:
+            item["image"] = self._split(self._apply(x[0], self.transform, gen), 0)
+        if self.return_metadata:
+            item["sample"] = str(self.index.sample_ids[i])
+            item["index"] = int(i)
+            item["seasons"] = torch.tensor(seasons, dtype=torch.long)
+            item["time"] = {
+                m: torch.from_numpy(
+                    self.index.modalities[m].times[i, seasons].astype("datetime64[ns]").view(
+                        np.int64
+                    ).copy()
+                )
+                for m in self.modalities
+            }
+            item["lat"] = float(self.index.lat[i])
+            item["lon"] = float(self.index.lon[i])
+            item["bands"] = self.band_names
+        return item
+
+
+# ---------------------------------------------------------------------------- map-style
+class ZarrPatchDataset(_StoreSamples, Dataset):
+    """Map-style dataset: item ``k`` is the k-th complete sample of the store.
+
+    Parameters
+    ----------
+    store
+        Local path or fsspec URL (``s3://``, ``az://``, ``gs://``, ``https://``) of the store.
+    modalities
+        Modality groups to read (``"S2L2A"``, ``"S2L1C"``, ``"S1RTC"``), in channel order.
+    stack
+        Concatenate modalities along the band axis (``True``) or return ``{modality: tensor}``.
+    seasons
+        ``int`` season index, ``"random"``, ``"all"`` or ``"augment"`` (see the module doc).
+    num_views
+        Views per item with ``seasons="augment"`` (2 for MoCo/SimCLR, 3 for DINO).
+    normalize
+        ``True``/``"store"`` (stored statistics), a dict of mean/std, or ``False``.
+    transform
+        Callable on [C, H, W] float tensors (``pipeline.transforms``, torchvision v2, ...);
+        with ``"augment"``, one callable for all views or a list with one per view.
+    seed
+        Seed of season draws and transforms (with ``set_epoch``); ``None``: torch's RNG.
+    return_metadata
+        Add ``sample``, ``index``, ``seasons``, ``time``, ``lat``, ``lon``, ``bands``.
+    min_seasons
+        Serve only samples with at least this many seasons with data (default 4 for
+        ``"all"``, else 1).
+    fill_nodata
+        Value for nodata pixels after normalisation (``None`` keeps them).
+    storage_options
+        fsspec options for remote stores (credentials come from the environment).
+    """
+
+    def __len__(self) -> int:
+        return len(self._eligible)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"index {k} out of range for {len(self)} samples")
+        i = int(self._eligible[k])
+        rng, gen = self._generators(i, self.epoch)
+        seasons = self._draw(i, rng)
+        return self._build(i, seasons, self._read_sample(i, seasons), gen)
+
+    def __repr__(self) -> str:
+        return (
+            f"ZarrPatchDataset({_display(self.url)!r}, modalities={self.modalities}, "
+            f"seasons={self.seasons!r}, samples={len(self)}, bands={self.num_bands})"
+        )
+
+
+# ---------------------------------------------------------------------------- streaming
+class ZarrShardStream(_StoreSamples, IterableDataset):
+    """Iterable dataset that streams whole shards, shuffled, split over ranks and workers.
+
+    Each epoch the shards that hold servable samples are put in an order drawn from
+    ``(seed, epoch)`` (``shuffle=True``), split over ranks with near-equal sample counts
+    (:func:`partition_shards`), and each rank's shards over its DataLoader workers the same
+    way. A worker reads each of its shards with one read per modality (all seasons, or only
+    the fixed season), passes the samples through a shuffle buffer of ``buffer_size`` and
+    yields items. Every servable sample is therefore yielded exactly once per epoch over all
+    ranks and workers. Ranks can get a few samples more or fewer than one another (a shard is
+    never split); :meth:`rank_lengths` gives the counts, and ``len()`` this rank's.
+
+    ``rank``/``world_size`` default to ``torch.distributed`` when it is initialised, else 0/1.
+    The epoch: :meth:`set_epoch` sets it; a dataset copy also advances it by one after each
+    full pass, so persistent workers move on to the next epoch by themselves.
+
+    Other parameters are those of :class:`ZarrPatchDataset`.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str],
+        modalities: str | Sequence[str] = (layout.S2L2A,),
+        stack: bool = True,
+        seasons: SeasonMode = "all",
+        num_views: int = 2,
+        normalize: Normalize = True,
+        transform: Callable | Sequence[Callable] | None = None,
+        seed: int | None = 0,
+        return_metadata: bool = True,
+        *,
+        shuffle: bool = True,
+        buffer_size: int = 256,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        min_seasons: int | None = None,
+        fill_nodata: float | None = 0.0,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            store, modalities, stack, seasons, num_views, normalize, transform, seed,
+            return_metadata, min_seasons=min_seasons, fill_nodata=fill_nodata,
+            storage_options=storage_options,
+        )
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, not {buffer_size}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+            raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
+        self.shuffle = shuffle
+        self.buffer_size = int(buffer_size)
+        self.epoch = int(epoch)
+        self._passes = 0
+        self.rank = rank
+        self.world_size = world_size
+        per = self.index.modalities[self.modalities[0]].shard_samples
+        self.shard_samples = per
+        n = self.index.n_samples
+        shard_of = self._eligible // per
+        self._shards = [
+            (s * per, min((s + 1) * per, n), self._eligible[shard_of == s])
+            for s in np.unique(shard_of)
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._passes = 0
+
+    @property
+    def num_shards(self) -> int:
+        """Shards that hold at least one servable sample."""
+        return len(self._shards)
+
+    def _world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return int(self.rank), int(self.world_size)  # type: ignore[arg-type]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _effective_epoch(self) -> int:
+        return self.epoch + self._passes
+
+    def plan(self, epoch: int | None = None, num_workers: int = 1) -> list[list[list[int]]]:
+        """Shard numbers (positions in the list of servable shards) per rank and worker."""
+        epoch = self._effective_epoch() if epoch is None else epoch
+        _, world = self._world()
+        counts = [len(s[2]) for s in self._shards]
+        order = np.arange(len(self._shards))
+        if self.shuffle:
+            order = np.random.default_rng(_mix(self.seed or 0, epoch, 0x5EED)).permutation(order)
+        out = []
+        for shards in partition_shards(counts, order, world):
+            out.append(partition_shards(counts, shards, max(num_workers, 1)))
+        return out
+
+    def rank_lengths(self, epoch: int | None = None) -> list[int]:
+        """Samples each rank yields in ``epoch`` (default: the current one)."""
+        return [
+            sum(len(self._shards[s][2]) for w in workers for s in w)
+            for workers in self.plan(epoch)
+        ]
+
+    def __len__(self) -> int:
+        rank, _ = self._world()
+        return self.rank_lengths()[rank]
+
+    def _read_shard(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        arrays = self._bands()
+        out = {}
+        for m in self.modalities:
+            try:
+                if isinstance(self.seasons, int):
+                    out[m] = arrays[m][start:stop, self.seasons : self.seasons + 1]
+                else:
+                    out[m] = arrays[m][start:stop]
+            except Exception as exc:  # noqa: BLE001
+                bad = []
+                for r in range(start, stop):  # find the samples that cannot be read
+                    try:
+                        arrays[m][r, 0 if not isinstance(self.seasons, int) else self.seasons]
+                    except Exception:  # noqa: BLE001
+                        bad.append(r)
+                rows = [r for r in (bad or range(start, stop))]
+                raise self._read_error(m, rows, "all", exc) from exc
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self._effective_epoch()
+        self._passes += 1
+        rank, _ = self._world()
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.plan(epoch, nworkers)[rank][wid]
+        rng = np.random.default_rng(_mix(self.seed or 0, epoch, rank, wid, 0xB0FF))
+        buffer: list[tuple[int, dict[str, np.ndarray]]] = []
+        for s in mine:
+            start, stop, rows = self._shards[s]
+            data = self._read_shard(start, stop)
+            for i in rows:
+                buffer.append((int(i), {m: data[m][i - start].copy() for m in data}))
+                if len(buffer) >= self.buffer_size:
+                    yield self._emit(buffer, rng, epoch)
+            del data
+        while buffer:
+            yield self._emit(buffer, rng, epoch)
+
+    def _emit(
+        self,
+        buffer: list[tuple[int, dict[str, np.ndarray]]],
+        rng: np.random.Generator,
+        epoch: int,
+    ) -> dict[str, Any]:
+        k = int(rng.integers(len(buffer))) if self.shuffle else 0
+        if self.shuffle:
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            i, raw = buffer.pop()
+        else:
+            i, raw = buffer.pop(0)
+        item_rng, gen = self._generators(i, epoch)
+        seasons = self._draw(i, item_rng)
+        if isinstance(self.seasons, int):
+            picked = {m: raw[m] for m in raw}  # the one season that was read
+        else:
+            picked = {m: raw[m][seasons] for m in raw}
+        return self._build(i, seasons, picked, gen)
+
+    def __repr__(self) -> str:
+        return (
+            f"ZarrShardStream({_display(self.url)!r}, modalities={self.modalities}, "
+            f"seasons={self.seasons!r}, samples={len(self._eligible)}, shards={self.num_shards})"
+        )
