@@ -1,0 +1,296 @@
+"""Loader over a small store in the layout of pipeline/layout.py (single process).
+
+Multi-worker and multi-rank coverage is in test_loader_workers.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from store_fixtures import STAT_BASE, STAT_STD, expected_value, shard_file, write_store
+
+from pipeline import layout
+from pipeline.errors import StoreError
+from pipeline.loader import (
+    CorruptSampleError,
+    ZarrPatchDataset,
+    ZarrShardStream,
+    partition_shards,
+)
+from pipeline.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop
+
+S2, S1 = layout.S2L2A, layout.S1RTC
+N = 20
+STATUS = {3: "failed", 9: "pending"}
+MISSING = {S1: [(5, 2)], S2: [(7, 0)]}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("loader") / "cube.zarr"
+    return write_store(
+        path, N, (S2, S1), size=16, shard_samples=4, status=STATUS, missing=MISSING
+    )
+
+
+def _decode_s2(image: torch.Tensor, band: int = 0) -> tuple[int, int]:
+    """(sample % 400, season) from a normalised S2 pixel of band ``band``."""
+    dn = float(image[band, 5, 5]) * STAT_STD[S2] + STAT_BASE[S2] + band
+    rest = round(dn) - 1000 - 20 * band
+    return rest % 400, rest // 400
+
+
+# ---------------------------------------------------------------------------- values
+def test_normalisation_from_store_stats(store: Path) -> None:
+    ds = ZarrPatchDataset(store, (S2, S1), seasons=1)
+    item = ds[0]
+    img = item["image"]
+    assert img.dtype == torch.float32 and img.shape == (14, 16, 16)
+    for b in range(12):
+        want = (expected_value(S2, 0, 1, b) - (STAT_BASE[S2] + b)) / STAT_STD[S2]
+        assert torch.allclose(img[b, 1:, 1:], torch.tensor(want), atol=1e-5), b
+    for b in range(2):
+        want = (expected_value(S1, 0, 1, b) - (STAT_BASE[S1] + b)) / STAT_STD[S1]
+        assert torch.allclose(img[12 + b, 1:, 1:], torch.tensor(want), atol=1e-5), b
+    # nodata (S2 0, S1 NaN) becomes 0.0 = the band mean after normalisation
+    assert torch.all(img[:, 0, 0] == 0.0)
+    assert ds.band_names == list(layout.BANDS[S2]) + list(layout.BANDS[S1])
+    assert ds.num_bands == 14
+    assert item["bands"] == ds.band_names
+    assert item["sample"] == "0000000" and item["seasons"].tolist() == [1]
+
+
+def test_normalisation_raw_and_given(store: Path) -> None:
+    raw = ZarrPatchDataset(store, S2, seasons=2, normalize=False, fill_nodata=None)[1]["image"]
+    assert raw[4, 3, 3] == expected_value(S2, 1, 2, 4) and raw[4, 0, 0] == 0.0
+    s1 = ZarrPatchDataset(store, S1, seasons=2, normalize=False, fill_nodata=None)[1]["image"]
+    assert torch.isnan(s1[:, 0, 0]).all()
+    assert s1[1, 3, 3] == pytest.approx(expected_value(S1, 1, 2, 1))
+    given = {"mean": [1000.0] * 12, "std": [10.0] * 12}
+    img = ZarrPatchDataset(store, S2, seasons=2, normalize=given)[1]["image"]
+    assert img[4, 3, 3] == pytest.approx((expected_value(S2, 1, 2, 4) - 1000) / 10)
+    per_mod = {S2: given, S1: {"mean": [0.0, 0.0], "std": [2.0, 2.0]}}
+    img = ZarrPatchDataset(store, (S2, S1), seasons=2, normalize=per_mod)[1]["image"]
+    assert img[13, 3, 3] == pytest.approx(expected_value(S1, 1, 2, 1) / 2)
+    with pytest.raises(ValueError, match="needs 12 means"):
+        ZarrPatchDataset(store, S2, normalize={S2: {"mean": [1.0], "std": [1.0]}})
+
+
+def test_stack_false_returns_per_modality(store: Path) -> None:
+    ds = ZarrPatchDataset(store, (S2, S1), stack=False, seasons="all")
+    item = ds[0]
+    assert set(item["image"]) == {S2, S1}
+    assert item["image"][S2].shape == (4, 12, 16, 16)
+    assert item["image"][S1].shape == (4, 2, 16, 16)
+    assert item["seasons"].tolist() == [0, 1, 2, 3]
+    assert set(item["time"]) == {S2, S1} and item["time"][S2].dtype == torch.int64
+    times = item["time"][S2].numpy().astype("datetime64[ns]")
+    assert np.all(np.diff(times) > np.timedelta64(0))  # chronological
+    for t in range(4):  # time order matches the seasons
+        assert _decode_s2(item["image"][S2][t]) == (0, t)
+
+
+# --------------------------------------------------------------- completeness, seasons
+def test_incomplete_samples_are_never_served(store: Path) -> None:
+    for ds in (
+        ZarrPatchDataset(store, S2, seasons="random"),
+        ZarrShardStream(store, S2, seasons="random"),
+    ):
+        ids = ds.sample_ids
+        assert "0000003" not in ids and "0000009" not in ids
+        served = [item["sample"] for item in (ds if isinstance(ds, ZarrShardStream) else
+                                              (ds[k] for k in range(len(ds))))]
+        assert sorted(served) == sorted(ids)
+        assert len(served) == N - 2
+
+
+def test_missing_seasons_are_skipped(store: Path) -> None:
+    # S1 has no scene for sample 5 in season 2; S2 none for sample 7 in season 0
+    both = ZarrPatchDataset(store, (S2, S1), seasons="all")
+    assert "0000005" not in both.sample_ids and "0000007" not in both.sample_ids
+    three = ZarrPatchDataset(store, (S2, S1), seasons="all", min_seasons=3)
+    k = three.sample_ids.index("0000005")
+    item = three[k]
+    assert item["seasons"].tolist() == [0, 1, 3] and item["image"].shape[0] == 3
+    assert [_decode_s2(item["image"][t])[1] for t in range(3)] == [0, 1, 3]
+    fixed = ZarrPatchDataset(store, (S2, S1), seasons=2)
+    assert "0000005" not in fixed.sample_ids and "0000007" in fixed.sample_ids
+    s2_only = ZarrPatchDataset(store, S2, seasons=2)
+    assert "0000005" in s2_only.sample_ids
+    rnd = ZarrPatchDataset(store, (S2, S1), seasons="random")
+    k = rnd.sample_ids.index("0000005")
+    drawn = set()
+    for epoch in range(40):
+        rnd.set_epoch(epoch)
+        drawn.add(int(rnd[k]["seasons"][0]))
+    assert drawn == {0, 1, 3}
+
+
+def test_augment_views_pair_seasons_of_one_location(store: Path) -> None:
+    ds = ZarrPatchDataset(store, S2, seasons="augment", num_views=2)
+    pairs: Counter[tuple[int, int]] = Counter()
+    full = [k for k, sid in enumerate(ds.sample_ids) if sid != "0000007"]
+    for epoch in range(30):
+        ds.set_epoch(epoch)
+        for k in full:
+            item = ds[k]
+            s = int(item["sample"])
+            seasons = item["seasons"].tolist()
+            assert len(item["views"]) == 2
+            for view, season in zip(item["views"], seasons):
+                assert view.shape == (12, 16, 16)
+                assert _decode_s2(view) == (s, season)  # same location, the drawn season
+            pairs[tuple(seasons)] += 1
+    total = sum(pairs.values())
+    assert len(pairs) == 16  # every (season1, season2) combination occurs
+    # independent uniform draws: chi-square over the 16 cells (df 15; p=0.001 at 37.7)
+    expected = total / 16
+    chi2 = sum((pairs.get((a, b), 0) - expected) ** 2 / expected
+               for a in range(4) for b in range(4))
+    assert chi2 < 37.7, pairs
+    same = sum(v for (a, b), v in pairs.items() if a == b) / total
+    assert abs(same - 0.25) < 0.06
+    # three views (DINO): all from the same location
+    item = ZarrPatchDataset(store, S2, seasons="augment", num_views=3)[0]
+    assert len(item["views"]) == 3
+    assert all(_decode_s2(v)[0] == 0 for v in item["views"])
+
+
+def test_seeded_items_are_reproducible(store: Path) -> None:
+    aug = Compose([RandomResizedCrop(8, scale=(0.2, 1.0)), RandomHorizontalFlip()])
+    a = ZarrPatchDataset(store, S2, seasons="augment", transform=aug, seed=3)
+    b = ZarrPatchDataset(store, S2, seasons="augment", transform=aug, seed=3)
+    x, y = a[2], b[2]
+    assert x["seasons"].tolist() == y["seasons"].tolist()
+    assert all(torch.equal(u, v) for u, v in zip(x["views"], y["views"]))
+    assert x["views"][0].shape == (12, 8, 8)
+    seen = set()
+    for epoch in range(8):
+        a.set_epoch(epoch)
+        seen.add(tuple(a[2]["seasons"].tolist()))
+    assert len(seen) > 1
+
+
+def test_per_view_transforms(store: Path) -> None:
+    crops = [RandomResizedCrop(8), RandomResizedCrop(8), RandomResizedCrop(4, scale=(0.05, 0.2))]
+    item = ZarrPatchDataset(store, S2, seasons="augment", num_views=3, transform=crops)[0]
+    assert [tuple(v.shape) for v in item["views"]] == [(12, 8, 8), (12, 8, 8), (12, 4, 4)]
+    with pytest.raises(ValueError, match="one per view"):
+        ZarrPatchDataset(store, S2, seasons="augment", num_views=2, transform=crops)
+
+
+def test_collates_into_batches(store: Path) -> None:
+    ds = ZarrPatchDataset(store, (S2, S1), seasons="augment")
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["views"][0].shape == (4, 14, 16, 16)
+    assert batch["seasons"].shape == (4, 2) and batch["lat"].shape == (4,)
+
+
+# -------------------------------------------------------------------------- streaming
+def test_stream_serves_each_sample_once_and_follows_epoch(store: Path) -> None:
+    ds = ZarrShardStream(store, S2, seasons="random", buffer_size=5, seed=1)
+    first = [item["sample"] for item in ds]
+    assert sorted(first) == sorted(ds.sample_ids)
+    second = [item["sample"] for item in ds]  # a second pass is the next epoch
+    assert sorted(second) == sorted(first) and second != first
+    ds.set_epoch(0)
+    assert [item["sample"] for item in ds] == first  # deterministic from (seed, epoch)
+    ordered = ZarrShardStream(store, S2, seasons=0, shuffle=False)
+    assert [item["sample"] for item in ordered] == ordered.sample_ids
+
+
+def test_stream_items_match_map_style(store: Path) -> None:
+    kw = dict(modalities=(S2, S1), seasons="augment", seed=5)
+    mapped = ZarrPatchDataset(store, **kw)
+    by_id = {sid: k for k, sid in enumerate(mapped.sample_ids)}
+    for item in ZarrShardStream(store, **kw):
+        ref = mapped[by_id[item["sample"]]]
+        assert item["seasons"].tolist() == ref["seasons"].tolist()
+        assert all(torch.equal(u, v) for u, v in zip(item["views"], ref["views"]))
+
+
+def test_partition_shards_balances_and_covers() -> None:
+    counts = [4, 4, 3, 1, 4, 2, 4]
+    parts = partition_shards(counts, [6, 5, 4, 3, 2, 1, 0], 3)
+    assert sorted(s for p in parts for s in p) == list(range(7))
+    loads = [sum(counts[s] for s in p) for p in parts]
+    assert max(loads) - min(loads) <= max(counts)
+
+
+def test_stream_rank_lengths(store: Path) -> None:
+    lengths = [
+        len(ZarrShardStream(store, S2, seasons="random", rank=r, world_size=2)) for r in range(2)
+    ]
+    assert sum(lengths) == N - 2
+    stream = ZarrShardStream(store, S2, seasons="random", rank=0, world_size=2)
+    assert stream.rank_lengths() == lengths
+    with pytest.raises(ValueError, match="out of range"):
+        ZarrShardStream(store, S2, rank=2, world_size=2)
+
+
+# ---------------------------------------------------------------------- remote stores
+def test_reads_through_fsspec_url(store: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in store.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/loadertest/cube.zarr/{f.relative_to(store).as_posix()}", f.read_bytes())
+    try:
+        ds = ZarrPatchDataset("memory://loadertest/cube.zarr", S2, seasons=1)
+        local = ZarrPatchDataset(store, S2, seasons=1)
+        assert ds.sample_ids == local.sample_ids
+        assert torch.equal(ds[4]["image"], local[4]["image"])
+        stream = ZarrShardStream("memory://loadertest/cube.zarr", S2, seasons=1)
+        assert sorted(i["sample"] for i in stream) == local.sample_ids
+    finally:
+        fs.rm("/loadertest", recursive=True)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        ZarrPatchDataset(tmp_path / "nope.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(StoreError, match="empty.zarr"):
+        ZarrPatchDataset(tmp_path / "empty.zarr")
+
+
+def test_incompatible_store_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_store(tmp_path / "old.zarr", 4, (S2,), size=8, schema_version="0")
+    with pytest.raises(StoreError, match="schema version '0'.*reads version '1'"):
+        ZarrPatchDataset(path)
+    path = write_store(tmp_path / "s2.zarr", 4, (S2,), size=8)
+    with pytest.raises(StoreError, match="no group 'S1RTC'.*S2L2A"):
+        ZarrShardStream(path, (S2, S1))
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"][layout.ATTR_SCHEMA]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="not written by this pipeline"):
+        ZarrPatchDataset(path)
+
+
+def test_missing_stats_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_store(tmp_path / "nostats.zarr", 4, (S2,), size=8, stats=False)
+    with pytest.raises(StoreError, match="no band statistics for S2L2A"):
+        ZarrPatchDataset(path)
+    assert len(ZarrPatchDataset(path, normalize=False)) == 4
+
+
+def test_corrupted_chunk_names_the_sample(tmp_path: Path) -> None:
+    path = write_store(tmp_path / "bad.zarr", 8, (S2,), size=8, shard_samples=4)
+    f = shard_file(path, S2, 1)  # samples 4..7
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, np.uint8).tobytes())
+    ds = ZarrPatchDataset(path, S2, seasons="random")
+    assert ds[0]["sample"] == "0000000"  # the intact shard still reads
+    with pytest.raises(CorruptSampleError, match="sample 0000005") as info:
+        ds[5]
+    assert "S2L2A" in str(info.value) and "bad.zarr" in str(info.value)
+    with pytest.raises(CorruptSampleError, match="0000004, 0000005, 0000006, 0000007"):
+        list(ZarrShardStream(path, S2, shuffle=False))
