@@ -1,0 +1,247 @@
+"""The cube against an independent path: each band of each patch warped with rasterio's
+WarpedVRT directly from the same COGs, on the same grid, with the same resampling."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from test_cube_data import REAL, SEASON_DATES, s1_scene, s2_scene
+
+from pipeline import cube, layout, providers
+from pipeline.errors import UserError
+
+N = layout.PATCH_PIXELS
+LOCAL = cube.get_provider("local")
+
+
+def reference(href: str, grid: cube.Grid, resampling: str = "bilinear") -> np.ndarray:
+    """The patch warped by GDAL directly (no stackstac, no dask)."""
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(href) as src:
+        with WarpedVRT(src, crs=f"EPSG:{grid.epsg}", transform=grid.transform, width=N,
+                       height=N, resampling=Resampling[resampling]) as vrt:
+            return vrt.read(1)
+
+
+# ------------------------------------------------------------------------------ real scenes
+MAJORTOM = sorted((REAL / "majortom_s2l2a").glob("*/*/S2*")) if REAL.is_dir() else []
+needs_real = pytest.mark.skipif(
+    not MAJORTOM, reason="real Major-TOM cells not found under ../shared/data/real")
+
+
+def majortom_item(d: Path) -> dict:
+    baseline = d.name.split("_")[3][1:]
+    return {"type": "Feature", "stac_version": "1.0.0", "id": d.name, "geometry": None,
+            "links": [], "properties": {
+                "datetime": f"{d.name[11:15]}-{d.name[15:17]}-{d.name[17:19]}T10:00:00Z",
+                "s2:processing_baseline": f"{baseline[:2]}.{baseline[2:]}"},
+            "assets": {b: {"href": str(d / f"{b}.tif")} for b in layout.BANDS["S2L2A"]}}
+
+
+def _grid_inside(d: Path, epsg: int | None = None) -> cube.Grid:
+    from pyproj import Transformer
+
+    with rasterio.open(d / "B02.tif") as src:
+        b = src.bounds
+        own = src.crs.to_epsg()
+    cx, cy = (b.left + b.right) / 2, (b.bottom + b.top) / 2
+    if epsg and epsg != own:
+        cx, cy = Transformer.from_crs(own, epsg, always_xy=True).transform(cx, cy)
+    x0 = round(cx / 10) * 10 - 1320
+    y0 = round(cy / 10) * 10 - 1320
+    return cube.Grid(epsg or own, (x0, y0, x0 + 2640, y0 + 2640))
+
+
+@needs_real
+@pytest.mark.parametrize("cell", MAJORTOM, ids=lambda d: d.parent.name)
+def test_real_scene_every_band_pixel_exact(cell: Path) -> None:
+    grid = _grid_inside(cell)
+    ds = cube.s2_cube([majortom_item(cell)], grid, provider=LOCAL).compute()
+    assert ds.bands.shape == (1, 12, N, N) and ds.bands.dtype == np.uint16
+    for i, band in enumerate(layout.BANDS["S2L2A"]):
+        ref = reference(str(cell / f"{band}.tif"), grid)
+        assert np.array_equal(ds.bands.values[0, i], ref), band  # offset >= 04.00: unchanged
+    assert float(ds.valid_fraction[0]) == 1.0
+    assert (ds.cloud_mask.values == cube.CLOUD_UNKNOWN).all()  # no SCL asset: unknown
+
+
+@needs_real
+def test_real_scene_on_utm_zone_boundary() -> None:
+    """Cell 0U_199R lies at 17.9 E, at the 33/34 boundary: a location in zone 34 (EPSG:32634)
+    reads the zone-33 scene through GDAL's reprojection, pixel-exact with the direct warp."""
+    cell = next(d for d in MAJORTOM if "0U_199R" in str(d))
+    grid = _grid_inside(cell, epsg=32634)
+    ds = cube.s2_cube([majortom_item(cell)], grid, provider=LOCAL).compute()
+    for i, band in enumerate(layout.BANDS["S2L2A"]):
+        assert np.array_equal(ds.bands.values[0, i], reference(str(cell / f"{band}.tif"), grid))
+    assert float(ds.valid_fraction[0]) > 0.99
+
+
+# ------------------------------------------------------------------------- synthetic scenes
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("synth")
+    x0, y1 = 500003.0, 5000007.0
+    s2 = [s2_scene(out, f"S2_{k}", 32633, x0, y1, SEASON_DATES[k], seed=k,
+                   baseline="03.00" if k == 0 else "04.00", nodata_rows=30 if k == 1 else 0)
+          for k in range(2)]
+    s1 = [s1_scene(out, "S1_0", 32633, x0 - 7, y1 + 3, SEASON_DATES[0], nodata_cols=40)]
+    # southern hemisphere, zone 55 S (Sydney-ish), and a location in zone 56 S reading it
+    south = s2_scene(out, "S2_south", 32755, 700003.0, 6250007.0, SEASON_DATES[2], seed=5)
+    grid = cube.Grid(32633, (500100.0, 4997200.0, 502740.0, 4999840.0))
+    return {"dir": out, "s2": s2, "s1": s1, "south": south, "grid": grid}
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
+def test_synthetic_s2_every_band_and_harmonised(synth: dict, resampling: str) -> None:
+    grid = synth["grid"]
+    # listed newest first: the cube must be chronological
+    ds = cube.s2_cube(synth["s2"][::-1], grid, provider=LOCAL, resampling=resampling).compute()
+    assert list(ds.file_id.values) == ["S2_0", "S2_1"]
+    assert (np.diff(ds.time.values) > np.timedelta64(0)).all()
+    for k, item in enumerate(synth["s2"]):
+        old = item["properties"]["s2:processing_baseline"] < "04.00"
+        for i, band in enumerate(layout.BANDS["S2L2A"]):
+            ref = reference(item["assets"][band]["href"], grid, resampling).astype(np.int64)
+            if old:  # v1.1 convention: +1000 on valid pixels, 0 stays nodata
+                ref = np.where(ref > 0, np.clip(ref + 1000, 1, 65535), 0)
+            assert np.array_equal(ds.bands.values[k, i], ref), (item["id"], band)
+        scl = reference(item["assets"]["SCL"]["href"], grid, "nearest")
+        valid = (ds.bands.values[k] != 0).all(0) & ~np.isin(scl, layout.SCL_INVALID_CLASSES)
+        want = np.where(valid, np.isin(scl, layout.SCL_CLOUD_CLASSES), 255)
+        assert np.array_equal(ds.cloud_mask.values[k], want)
+        assert float(ds.valid_fraction[k]) == pytest.approx(valid.mean(), abs=1e-6)
+    # the 30 nodata rows of scene 1 are nodata in the cube, not data
+    assert float(ds.valid_fraction[1]) < 1.0
+    assert float(ds.valid_fraction[0]) == 1.0
+
+
+def test_offset_conventions(synth: dict) -> None:
+    grid = synth["grid"]
+    v11 = cube.s2_cube(synth["s2"], grid, provider=LOCAL).bands.values
+    v1 = cube.s2_cube(synth["s2"], grid, provider=LOCAL, convention="v1").bands.values
+    raw_old = reference(synth["s2"][0]["assets"]["B04"]["href"], grid)
+    raw_new = reference(synth["s2"][1]["assets"]["B04"]["href"], grid)
+    assert np.array_equal(v1[0, 3], raw_old)  # old scene unchanged in v1
+    assert np.array_equal(v11[1, 3], raw_new)  # new scene unchanged in v1.1
+    sub = np.where(raw_new > 0, np.clip(raw_new.astype(int) - 1000, 1, None), 0)
+    assert np.array_equal(v1[1, 3], sub)
+    assert ((v11[1, 3] == 0) == (raw_new == 0)).all()
+
+
+def test_s1_db_and_nodata(synth: dict) -> None:
+    grid = cube.Grid(32633, (499990.0, 4996600.0, 502630.0, 4999240.0))  # over the nodata edge
+    ds = cube.s1_cube(synth["s1"], grid, provider=LOCAL).compute()
+    assert ds.bands.dtype == np.float32
+    for i, pol in enumerate(("vv", "vh")):
+        lin = reference(synth["s1"][0]["assets"][pol]["href"], grid)
+        lin = np.where((lin == layout.S1_RTC_FILE_NODATA) | (lin <= 0), np.nan, lin)
+        want = (10.0 * np.log10(lin.astype(np.float32))).astype(np.float32)
+        got = ds.bands.values[0, i]
+        assert np.array_equal(np.isnan(got), np.isnan(want)), pol
+        assert np.array_equal(got, want, equal_nan=True), pol
+        assert np.isnan(got[:, :5]).all() and np.isfinite(got[:, 50:]).all()
+        assert np.nanmax(got) <= 0 and np.nanmin(got) > -30  # dB of 0.002..0.6
+    assert 0 < float(ds.valid_fraction[0]) < 1
+
+
+@pytest.mark.parametrize("epsg", [32755, 32756])
+def test_southern_hemisphere(synth: dict, epsg: int) -> None:
+    from pyproj import Transformer
+
+    item = synth["south"]
+    x, y = 700003.0 + 1800, 6250007.0 - 1800
+    if epsg != 32755:
+        x, y = Transformer.from_crs(32755, epsg, always_xy=True).transform(x, y)
+    x0, y0 = round(x / 10) * 10 - 1320, round(y / 10) * 10 - 1320
+    grid = cube.Grid(epsg, (x0, y0, x0 + 2640, y0 + 2640))
+    ds = cube.s2_cube([item], grid, provider=LOCAL).compute()
+    assert ds.y.values[0] > ds.y.values[-1] and ds.y.values[0] < 10_000_000  # northing, south
+    for i, band in enumerate(layout.BANDS["S2L2A"]):
+        assert np.array_equal(ds.bands.values[0, i], reference(item["assets"][band]["href"],
+                                                               grid)), band
+
+
+def test_grid_is_checked() -> None:
+    with pytest.raises(UserError, match="not a 264 x 264 px patch"):
+        cube.Grid.from_location({"sample": "0000001", "epsg": 32633, "xmin": 0, "ymin": 0,
+                                 "xmax": 2650, "ymax": 2640})
+    with pytest.raises(UserError, match="snapped"):
+        cube.Grid.from_location({"sample": "0000001", "epsg": 32633, "xmin": 5, "ymin": 0,
+                                 "xmax": 2645, "ymax": 2640})
+
+
+def test_missing_asset_is_an_error_not_fill(synth: dict, tmp_path: Path) -> None:
+    item = json.loads(json.dumps(synth["s2"][1]))
+    del item["assets"]["B8A"]
+    with pytest.raises(UserError, match="B8A"):
+        cube.s2_cube([item], synth["grid"], provider=LOCAL)
+    item = json.loads(json.dumps(synth["s2"][1]))
+    item["assets"]["B03"]["href"] = str(tmp_path / "gone.tif")
+    with pytest.raises(Exception, match="gone.tif"):
+        cube.s2_cube([item], synth["grid"], provider=LOCAL).compute()
+
+
+def test_metadata_disagreeing_with_file(synth: dict) -> None:
+    """Item metadata claims another place and CRS: the file's georeferencing decides, so the
+    patch is still exact (the footprint metadata is never trusted to place pixels)."""
+    item = json.loads(json.dumps(synth["s2"][1]))
+    item["properties"]["proj:epsg"] = 32632
+    for a in item["assets"].values():
+        a["proj:transform"] = [10, 0, 100000, 0, -10, 200000]
+    ds = cube.s2_cube([item], synth["grid"], provider=LOCAL).compute()
+    ref = reference(item["assets"]["B02"]["href"], synth["grid"])
+    assert np.array_equal(ds.bands.values[0, 1], ref)
+
+
+def test_signed_just_before_reading_over_http(synth: dict) -> None:
+    """Hrefs in the table are unsigned and unreadable; the provider's signer makes them
+    readable URLs on the loopback Range server, and the result equals the local read."""
+    from pipeline.demo.httpserver import make_server
+
+    server = make_server(synth["dir"])
+    th = threading.Thread(target=server.serve_forever, daemon=True)
+    th.start()
+    try:
+        port = server.server_address[1]
+        base = str(synth["dir"])
+        item = json.loads(json.dumps(synth["s2"][1]).replace(base, "unsigned://cat"))
+        calls: list[str] = []
+
+        def sign(href: str) -> str:
+            calls.append(href)
+            return href.replace("unsigned://cat", f"http://127.0.0.1:{port}")
+
+        prov = providers.Provider(
+            name="test", url="", collections={"S2L2A": "sentinel-2-l2a"},
+            assets={"S2L2A": LOCAL.band_assets("S2L2A")}, signer_func=sign)
+        lazy = cube.s2_cube([item], synth["grid"], provider=prov)
+        assert all(c.startswith("unsigned://") for c in calls) and len(calls) == 13
+        assert "unsigned" in json.dumps(item)  # the caller's item is not modified
+        http = lazy.compute()
+        local = cube.s2_cube([synth["s2"][1]], synth["grid"], provider=LOCAL).compute()
+        assert np.array_equal(http.bands.values, local.bands.values)
+        assert np.array_equal(http.cloud_mask.values, local.cloud_mask.values)
+        assert server.stats.requests > 0 if hasattr(server.stats, "requests") else True
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_location_cubes_season_coordinate(tmp_path: Path) -> None:
+    import pandas as pd
+    from test_cube_data import synthetic_build_inputs
+
+    loc, sc = synthetic_build_inputs(tmp_path, 1, missing={(0, 1, "S2L2A")})
+    locs = pd.read_parquet(loc)
+    scenes = pd.read_parquet(sc)
+    cubes = cube.location_cubes(locs.iloc[0].to_dict(), scenes, provider=LOCAL)
+    assert list(cubes["S2L2A"].season.values) == [0, 2, 3]
+    assert list(cubes["S1RTC"].season.values) == [0, 1, 2, 3]
+    assert cubes["S1RTC"].bands.dtype == np.float32
