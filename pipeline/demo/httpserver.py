@@ -7,8 +7,10 @@ files through it. This server answers ``Range: bytes=...`` with ``206 Partial Co
 alive (HTTP/1.1), which is what COG readers expect of a blob store.
 
 It counts what it serves: ``GET /_stats`` returns JSON ``{"requests": n, "bytes": n,
-"paths": {path: {"requests": n, "bytes": n, "ranges": n}}}``, so tests and benchmarks can prove
-that a windowed read fetched a few ranges rather than the file.
+"paths": {path: {"requests": n, "bytes": n, "ranges": n, "whole": n}}}`` (``ranges``:
+requests with a Range header; ``whole``: GETs answered with the whole file; paths without
+their query string), so tests and benchmarks can prove that a windowed read fetched a few ranges rather
+than the file.
 
 Run it alone with ``python -m pipeline.demo.httpserver --root DIR --port 0``; it prints
 ``READY <port>`` on stdout once it listens. With ``--fd N`` it serves on a listening socket
@@ -65,6 +67,8 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
             else:
                 start = int(first)
                 end = int(last) if last else size - 1
+                if start >= size:
+                    continue  # unsatisfiable part
                 if end < start:
                     return None
                 end = min(end, size - 1)
@@ -72,8 +76,6 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
             return None
         if start < 0:
             return None
-        if start >= size:
-            continue
         ranges.append((start, end))
     if not ranges:
         raise RangeError(header)
@@ -89,14 +91,18 @@ class Stats:
         self.bytes = 0
         self.paths: dict[str, dict[str, int]] = {}
 
-    def add(self, path: str, nbytes: int, ranged: bool) -> None:
+    def add(self, path: str, nbytes: int, ranged: bool, whole: bool = False) -> None:
+        path = path.split("?", 1)[0]
         with self._lock:
             self.requests += 1
             self.bytes += nbytes
-            entry = self.paths.setdefault(path, {"requests": 0, "bytes": 0, "ranges": 0})
+            entry = self.paths.setdefault(
+                path, {"requests": 0, "bytes": 0, "ranges": 0, "whole": 0}
+            )
             entry["requests"] += 1
             entry["bytes"] += nbytes
             entry["ranges"] += int(ranged)
+            entry["whole"] += int(whole)
 
     def as_dict(self) -> dict:
         with self._lock:
@@ -186,7 +192,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
                 sent = 0 if head else self._copy(f, 0, size - 1)
-                self.stats.add(self.path, sent, False)
+                self.stats.add(self.path, sent, False, whole=not head)
                 return
             if len(ranges) == 1:
                 start, end = ranges[0]

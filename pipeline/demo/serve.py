@@ -46,6 +46,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -250,6 +251,9 @@ def _item_problem(item: Any, collections: dict) -> str | None:
         props.get("datetime") or (props.get("start_datetime") and props.get("end_datetime"))
     ):
         return "its properties have no datetime"
+    for key in ("datetime", "start_datetime", "end_datetime"):
+        if props.get(key) is not None and not _is_datetime(props[key]):
+            return f"its {key} {props[key]!r} is not an RFC 3339 datetime"
     if item["collection"] not in collections:
         return f"its collection {item['collection']!r} has no collections/*.json"
     geom = item["geometry"]
@@ -261,6 +265,16 @@ def _item_problem(item: Any, collections: dict) -> str | None:
         if not isinstance(asset, dict) or not isinstance(asset.get("href"), str):
             return f"asset {key!r} has no href"
     return None
+
+
+def _is_datetime(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _absolute_href(href: str, file_path: Path, root: Path, asset_url: str) -> str:
@@ -770,6 +784,47 @@ def _start_postgres(
     return f"postgresql://postgres:{password}@127.0.0.1:{pg_port}/postgres"
 
 
+_JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+               (list, "array"), (dict, "object"))
+_NOT_QUERYABLE = {"datetime", "start_datetime", "end_datetime", "created", "updated"}
+
+
+def infer_queryables(items: list[dict]) -> dict[str, dict]:
+    """A queryables document per collection, typed from the values its items carry.
+
+    pgstac compares and sorts a property by its queryable's type; a property it does not know
+    is compared as text (so ``sortby=eo:cloud_cover`` would put 8 after 72).
+    """
+    seen: dict[str, dict[str, set[str]]] = {}
+    for item in items:
+        props = seen.setdefault(item["collection"], {})
+        for name, value in item.get("properties", {}).items():
+            if name in _NOT_QUERYABLE or value is None:
+                continue
+            kind = next((t for cls, t in _JSON_TYPES if isinstance(value, cls)), None)
+            if kind:
+                props.setdefault(name, set()).add(kind)
+    docs = {}
+    for cid, props in seen.items():
+        properties = {}
+        for name, kinds in sorted(props.items()):
+            if kinds <= {"integer", "number"}:
+                kind = "integer" if kinds == {"integer"} else "number"
+            elif len(kinds) == 1:
+                kind = next(iter(kinds))
+            else:
+                continue  # mixed types: leave it untyped
+            properties[name] = {"title": name, "type": kind}
+        if properties:
+            docs[cid] = {
+                "$schema": "https://json-schema.org/draft/2019-09/schema",
+                "type": "object",
+                "title": f"Queryables for {cid}",
+                "properties": properties,
+            }
+    return docs
+
+
 def _migrate_and_load(served: Served, files: CatalogFiles, dsn: str, say) -> None:
     from pypgstac.db import PgstacDB
     from pypgstac.load import Loader, Methods
@@ -790,6 +845,13 @@ def _migrate_and_load(served: Served, files: CatalogFiles, dsn: str, say) -> Non
         say(f"Loading {len(colls)} collections and {len(items)} items into pgstac ...")
         loader = Loader(db=db)
         loader.load_collections(iter(colls), Methods.upsert)
+        conn = db.connect()
+        for cid, doc in infer_queryables(items).items():
+            # typed queryables: without them pgstac compares and sorts properties as text
+            conn.execute(
+                "SELECT upsert_queryables(%s::jsonb, %s::text[], NULL, false)",
+                [json.dumps(doc), [cid]],
+            )
         try:
             loader.load_items(iter(items), Methods.upsert)
         except Exception as exc:  # pypgstac raises plain Exceptions and psycopg errors
