@@ -130,7 +130,7 @@ class SearchConfig(_Section):
         1.0, gt=0, le=10, description="locations are grouped in lon/lat cells of this size"
     )
     max_query_days: float = Field(
-        62.0, gt=0, description="longest datetime span of one batched search (days)"
+        366.0, gt=0, description="longest datetime span of one batched search (days)"
     )
     page_size: int = Field(500, ge=1, le=1000, description="items per page")
     timeout_s: float = Field(60.0, gt=0, description="HTTP read timeout")

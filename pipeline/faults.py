@@ -48,7 +48,7 @@ FAULT_KINDS = ("500", "503", "429", "timeout", "reset", "truncate")
 
 _HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host",
+    "transfer-encoding", "upgrade",
 }
 
 
@@ -143,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
         if proxy.token_ttl_s is not None:  # the upstream knows nothing about our tokens
             query = [(k, v) for k, v in query if k not in ("se", "sig")]
         target = parsed.path + ("?" + urllib.parse.urlencode(query) if query else "")
+        # Host is kept as the client sent it (like a reverse proxy), so that the links a STAC
+        # API builds from it point back at the proxy, not around it
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
