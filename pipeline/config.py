@@ -34,6 +34,9 @@ from .errors import ConfigError
 from .layout import MODALITIES
 
 PRESET_DIR = Path(__file__).parent / "presets"
+#: Sections owned by later stages (kept as plain dicts in :attr:`Config.extra_sections`); any
+#: other unknown top-level key is an error, so a misspelt ``sampeling:`` is not silently ignored.
+STAGE_SECTIONS = ("build", "cube", "store", "train", "probe")
 DEFAULT_PRESET = "ssl4eo-s12"
 
 
@@ -167,6 +170,12 @@ class Config(BaseModel):
         if isinstance(data, dict):
             known = set(cls.model_fields)
             extra = {k: v for k, v in data.items() if k not in known}
+            unknown = sorted(set(extra) - set(STAGE_SECTIONS))
+            if unknown:
+                raise ValueError(
+                    f"unknown section(s) {unknown}: the sections are "
+                    f"{sorted(known - {'preset', 'extra_sections'} | set(STAGE_SECTIONS))}"
+                )
             if extra:
                 data = {k: v for k, v in data.items() if k in known}
                 data["extra_sections"] = {**data.get("extra_sections", {}), **extra}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,17 +177,12 @@ def prepare_items(
 
 def _baseline_needs_offset(item: Mapping[str, Any]) -> bool:
     """True when the scene's DNs lack the +1000 offset (processing baseline < 04.00)."""
-    baseline = item["properties"].get("s2:processing_baseline")
-    if baseline is None:  # fall back to the product id (``_N0400_``) or acquisition date
-        pid = str(item["properties"].get("s2:product_uri") or item.get("id", ""))
-        m = re.search(r"_N(\d{2})(\d{2})_", pid)
-        if m:
-            baseline = f"{m.group(1)}.{m.group(2)}"
-        else:
-            return str(item["properties"]["datetime"]) < "2022-01-25"
-    if str(baseline) in ("99.99",):  # Major-TOM/ESA reprocessing marker: current baseline
-        return False
-    return str(baseline) < layout.S2_OFFSET_BASELINE
+    from .providers import s2_offset
+
+    try:
+        return s2_offset(dict(item)) == 0
+    except ValueError as exc:
+        raise UserError(f"{exc}; fix the item or drop it from the scenes table") from exc
 
 
 # ----------------------------------------------------------------------------------------- cube

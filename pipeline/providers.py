@@ -246,14 +246,28 @@ def processing_baseline(item: dict) -> str | None:
 def s2_offset(item: dict) -> int:
     """DN offset of an S2 L2A item's reflectances: 1000 from baseline 04.00 on, else 0.
 
-    Baselines are compared as (major, minor) numbers, so ``'04.00'``, ``'05.09'`` give 1000 and
-    ``'02.12'``, ``'03.01'`` give 0. Items without a baseline are taken as pre-04.00 (0).
+    Baselines are compared as (major, minor) numbers, so ``'04.00'``, ``'05.09'`` and ESA's
+    reprocessing marker ``'99.99'`` give 1000, ``'02.12'``, ``'03.01'`` give 0. Without
+    ``s2:processing_baseline`` the product id's ``_Nxxyy_`` part decides, and without that the
+    acquisition date (baseline 04.00 started on 2022-01-25). The one place that decides it.
     """
+    import re
+
     from .layout import S2_BASELINE_OFFSET, S2_OFFSET_BASELINE
 
+    props = item.get("properties", {})
     b = processing_baseline(item)
     if b is None:
-        return 0
+        pid = str(props.get("s2:product_uri") or item.get("id", ""))
+        m = re.search(r"_N(\d{2})(\d{2})_", pid)
+        if m:
+            b = f"{m.group(1)}.{m.group(2)}"
+        elif not (str(item.get("collection", "")).startswith("sentinel-2")
+                  or str(item.get("id", "")).startswith("S2")):
+            return 0  # not a Sentinel-2 item: no reflectance offset
+        else:
+            when = str(props.get("datetime") or "")
+            return S2_BASELINE_OFFSET if when >= "2022-01-25" else 0
     try:
         major, minor = (int(x) for x in b.split(".")[:2])
     except ValueError:
