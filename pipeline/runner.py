@@ -20,6 +20,7 @@ to an uninterrupted run (the writes are deterministic).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -160,8 +161,10 @@ def build_shard(
                 env_overrides=options.env_overrides,
             )
             names = list(cubes)
+            # one compute per modality: dask 2026.8 intermittently drops keys ("Missing
+            # dependency") when several xarray datasets are computed in one dask.compute
             with dask.config.set(scheduler="threads", num_workers=options.read_threads):
-                computed = dask.compute(*[cubes[m] for m in names])
+                computed = [cubes[m].compute() for m in names]
             for m, ds in zip(names, computed, strict=True):
                 n_scenes += _place(arrays[m], i, ds, m)
         except Exception as exc:  # noqa: BLE001 - recorded per sample, never silent
@@ -305,10 +308,13 @@ def run_build(
     """Build (or resume) the store; returns its summary."""
     from distributed import as_completed
 
-    from . import store
+    from . import storage, store
 
     options = options or BuildOptions()
-    locations, scenes, store_path = Path(locations), Path(scenes), Path(store_path)
+    locations, scenes = Path(locations), Path(scenes)
+    # tasks get an absolute local path, or the object-storage URL as it is
+    store_path = (str(store_path) if storage.is_remote(store_path)
+                  else str(storage.local_path(store_path).resolve()))
     locs = read_locations(locations)
     check_scenes(scenes)
     mods = tuple(options.modalities) or tuple(scene_modalities(scenes))
@@ -341,7 +347,7 @@ def run_build(
                 print(f"ssl4eo build: {len(todo)} shard task(s); dashboard: "
                       f"{client.dashboard_link}", flush=True)
             futures = [
-                client.submit(build_shard, str(store_path.resolve()), str(locations.resolve()),
+                client.submit(build_shard, store_path, str(locations.resolve()),
                               str(scenes.resolve()), k, options, retries=retries, pure=False,
                               key=f"ssl4eo-shard-{k}-{os.getpid()}-{time.time_ns()}")
                 for k in todo
@@ -352,7 +358,19 @@ def run_build(
 
                 bar = tqdm(total=len(futures), unit="shard", desc="build")
             for fut in as_completed(futures):
-                results.append(fut.result())
+                try:
+                    results.append(fut.result())
+                except UserError:
+                    raise
+                except OSError as exc:
+                    full = getattr(exc, "errno", None) == errno.ENOSPC
+                    raise StoreError(
+                        f"writing the store {store_path} failed"
+                        f"{' (no space left on the device)' if full else ''}: "
+                        f"{type(exc).__name__}: {exc}. Shards already written are complete and "
+                        "the unfinished ones are still pending: free space / fix the cause and "
+                        "run the same command again to resume"
+                    ) from exc
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -384,3 +402,253 @@ def graph_size(n_locations: int, shard_samples: int = layout.SHARD_SAMPLES) -> d
 
 __all__ = ["BuildOptions", "build_shard", "graph_size", "make_client", "plan", "run_build",
            "StoreError"]
+
+
+# --------------------------------------------------------------------------------------- CLI
+def _add_cluster_arguments(p: Any) -> None:
+    g = p.add_argument_group("Dask cluster")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="address of an existing Dask scheduler (default: start a LocalCluster)")
+    g.add_argument("--cluster", choices=("local", "kubernetes"), default=None,
+                   help="local (default): a LocalCluster sized to this machine; kubernetes: a "
+                   "DaskCluster through the dask-kubernetes operator, from the same "
+                   "specification as deploy/k8s/daskcluster.yaml")
+    g.add_argument("--workers", type=int, default=None,
+                   help="worker processes (local: default one per core; kubernetes: scale to "
+                   "this many)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads per local worker process (default 1: each task reads with "
+                   "its own thread pool, see --read-threads)")
+    g.add_argument("--memory-limit", default=None,
+                   help="memory limit per local worker, e.g. 4GB (default: share of the RAM)")
+    g.add_argument("--image", default=None,
+                   help="kubernetes: container image of the scheduler and workers")
+    g.add_argument("--namespace", default=None, help="kubernetes: namespace of the DaskCluster")
+
+
+def _add_build_arguments(p: Any) -> None:
+    g = p.add_argument_group("build")
+    g.add_argument("--shard-samples", type=int, default=None,
+                   help=f"samples per Zarr shard and per task (default {layout.SHARD_SAMPLES}); "
+                   "fixed when the store is created")
+    g.add_argument("--resampling", default=None,
+                   choices=("nearest", "bilinear", "cubic", "average", "lanczos"),
+                   help="resampling of the 20/60 m S2 bands (and S1) onto the 10 m grid "
+                   "(default bilinear; SCL always nearest)")
+    g.add_argument("--convention", choices=tuple(layout.S2_OFFSET_CONVENTIONS), default=None,
+                   help="S2 offset convention stored: v1.1 = 10000*reflectance + 1000 (processing "
+                   "baseline 04.00 and SSL4EO-S12 v1.1, default); v1 = 10000*reflectance")
+    g.add_argument("--read-threads", type=int, default=None,
+                   help="concurrent COG reads inside one task (default 8)")
+    g.add_argument("--provider", default=None,
+                   help="provider profile used to sign hrefs (planetary-computer, earth-search, "
+                   "local; default: the config's)")
+    g.add_argument("--retries", type=int, default=2,
+                   help="Dask retries of a task that raised (default 2)")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="also redo samples recorded as failed by an earlier run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an existing ssl4eo store at --store first (never anything else)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _build_settings(args: Any, cfg: Any) -> tuple[BuildOptions, dict[str, Any]]:
+    """Build options: CLI flag > config file's ``build:`` section > defaults."""
+    sect = dict((cfg.extra_sections or {}).get("build", {}) if cfg is not None else {})
+    known = {f for f in BuildOptions.__dataclass_fields__}
+    unknown = set(sect) - known - {"retries"}
+    if unknown:
+        raise UserError(f"unknown key(s) {sorted(unknown)} in the config's build section; "
+                        f"known: {sorted(known | {'retries'})}")
+    flags = {"shard_samples": args.shard_samples, "resampling": args.resampling,
+             "convention": args.convention, "read_threads": args.read_threads,
+             "provider": args.provider or (cfg.search.provider if cfg is not None else None)}
+    values = {k: v for k, v in sect.items() if k in known}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if "modalities" in values:
+        values["modalities"] = tuple(values["modalities"])
+    if values.get("shard_samples", 1) < 1:
+        raise UserError("--shard-samples must be at least 1")
+    client_options: dict[str, Any] = {
+        "scheduler": args.scheduler, "cluster": args.cluster, "workers": args.workers,
+        "threads": args.threads, "memory_limit": args.memory_limit,
+    }
+    if args.cluster == "kubernetes":
+        client_options["cluster_options"] = {
+            k: v for k, v in {"image": args.image, "namespace": args.namespace}.items() if v
+        }
+    return BuildOptions(**values), client_options
+
+
+def _print_summary(out: Mapping[str, Any]) -> None:
+    st = out["status"]
+    print(f"store {out['store']}: {out['samples']} samples, {st.get('complete', 0)} complete, "
+          f"{st.get('failed', 0)} failed, {st.get('pending', 0)} pending; "
+          f"{out['stored_bytes'] / 1e6:.1f} MB ({out['bytes_per_sample'] / 1e6:.2f} MB/sample)")
+    for m, g in out.get("groups", {}).items():
+        print(f"  {m}: {g['scenes']} scenes, {g['missing_seasons']} seasons without a scene")
+    for sample, reason in list(out.get("failures", {}).items())[:10]:
+        print(f"  failed {sample}: {reason}")
+    if len(out.get("failures", {})) > 10:
+        print(f"  ... and {len(out['failures']) - 10} more failures (ssl4eo stats --json)")
+
+
+def add_commands(subparsers: Any) -> None:
+    """``ssl4eo build``, ``ssl4eo stats`` and ``ssl4eo run``."""
+    from .config import add_config_arguments
+
+    p = subparsers.add_parser(
+        "build", help="build (or resume) the sharded Zarr store on Dask from a scenes table",
+        description="Cut every location's seasonal S2/S1 cubes with stackstac and write them "
+        "into one sharded Zarr v3 store, one Dask task per shard of locations. A re-run resumes: "
+        "only shards with pending samples are done again.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--locations", "-l", required=True, help="locations GeoParquet (ssl4eo sample)")
+    p.add_argument("--scenes", "-s", required=True, help="scenes Parquet (ssl4eo search)")
+    p.add_argument("--store", required=True,
+                   help="Zarr store to write: a local path (cube.zarr) or an object-storage URL "
+                   "(s3://bucket/cube.zarr, az://container/cube.zarr; credentials from the "
+                   "environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL)")
+    _add_cluster_arguments(p)
+    _add_build_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the store summary as JSON")
+    p.set_defaults(func=_cmd_build)
+
+    s = subparsers.add_parser(
+        "stats", help="completion, failures, size and band statistics of a store",
+        description="Summarise a store written by `ssl4eo build`: samples per status, failure "
+        "reasons, stored bytes, and per-band mean/std per modality (the loader's normalisation).",
+    )
+    s.add_argument("--store", required=True, help="Zarr store written by `ssl4eo build`")
+    s.add_argument("--recompute", action="store_true",
+                   help="recombine the band statistics from the shards and re-consolidate")
+    s.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw the band statistics (mean +- std per band) to this PNG")
+    s.add_argument("--json", action="store_true", help="print everything as JSON")
+    s.set_defaults(func=_cmd_stats)
+
+    r = subparsers.add_parser(
+        "run", help="sample, search, build and stats from one config, into one directory",
+        description="The whole dataset pipeline: OUT/locations.parquet (sample), "
+        "OUT/scenes.parquet (search), OUT/cube.zarr (build) and OUT/stats.json. Steps whose "
+        "output exists are reused (--fresh redoes them); the build resumes.",
+    )
+    add_config_arguments(r)
+    r.add_argument("--out", "-o", required=True, help="output directory")
+    r.add_argument("--store", default=None,
+                   help="store path or object-storage URL (default OUT/cube.zarr)")
+    r.add_argument("--stac-url", default=None, help="STAC API URL (default: the provider's)")
+    r.add_argument("--num-locations", "-n", type=int, default=None, help="locations to draw")
+    r.add_argument("--fresh", action="store_true",
+                   help="redo sample and search even when their tables exist")
+    _add_cluster_arguments(r)
+    _add_build_arguments(r)
+    r.set_defaults(func=_cmd_run)
+
+
+def _cmd_build(args: Any) -> int:
+    import json
+
+    from .config import load_config
+
+    cfg = load_config(args.preset, args.config) if (args.preset or args.config) else None
+    options, client_options = _build_settings(args, cfg)
+    out = run_build(args.locations, args.scenes, args.store, options=options,
+                    client_options=client_options, retries=args.retries,
+                    retry_failed=args.retry_failed, overwrite=args.overwrite,
+                    config=cfg.to_dict() if cfg is not None else None,
+                    progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _print_summary(out)
+    return 0 if out["status"].get("pending", 0) == 0 else 1
+
+
+def _cmd_stats(args: Any) -> int:
+    import json
+
+    from . import store
+
+    if args.recompute:
+        store.finalize(args.store)
+    out = store.summary(args.store)
+    if args.plot:
+        plot_band_stats(out["band_stats"], args.plot)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    _print_summary(out)
+    for m, st in out["band_stats"].items():
+        print(f"  {m} band statistics ({st.get('units', '')}):")
+        for b, mu, sd in zip(st["bands"], st["mean"], st["std"], strict=True):
+            print(f"    {b:>4}  mean {mu:10.2f}  std {sd:9.2f}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def plot_band_stats(stats: Mapping[str, Any], path: str | Path) -> Path:
+    """Bar charts of the per-band mean +- std of each modality, written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = [m for m in stats if stats[m].get("bands")]
+    if not mods:
+        raise StoreError("the store has no band statistics yet; finish the build first")
+    fig, axes = plt.subplots(1, len(mods), figsize=(5 + 3 * len(mods), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], mods, strict=True):
+        st = stats[m]
+        x = np.arange(len(st["bands"]))
+        ax.bar(x, st["mean"], yerr=st["std"], color="#4c72b0", capsize=3)
+        ax.set_xticks(x, st["bands"], rotation=45)
+        ax.set_title(f"{m}: band mean +- std")
+        ax.set_ylabel(st.get("units", ""))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cmd_run(args: Any) -> int:
+    import json
+
+    from . import sampling, search
+    from .config import load_config
+
+    cfg = load_config(args.preset, args.config, {
+        "sampling": {"num_locations": args.num_locations},
+        "search": {"stac_url": args.stac_url, "provider": args.provider},
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    locs_path, scenes_path = out / "locations.parquet", out / "scenes.parquet"
+    store_path = args.store or out / "cube.zarr"
+    progress = not args.no_progress
+    if args.fresh or not locs_path.exists():
+        t0 = time.perf_counter()
+        gdf = sampling.sample(cfg.sampling, progress=progress)
+        sampling.write_locations(gdf, locs_path, cfg, {"seconds": round(time.perf_counter() - t0, 3)})
+        print(f"[sample] {len(gdf)} locations -> {locs_path}", flush=True)
+    else:
+        print(f"[sample] reusing {locs_path} (--fresh to redraw)", flush=True)
+    if args.fresh or not scenes_path.exists():
+        info = search.search_locations(locs_path, scenes_path, cfg, progress=progress)
+        print(f"[search] {info.get('requests', '?')} requests -> {scenes_path}", flush=True)
+    else:
+        print(f"[search] reusing {scenes_path} (--fresh to search again)", flush=True)
+    options, client_options = _build_settings(args, cfg)
+    summary = run_build(locs_path, scenes_path, store_path, options=options,
+                        client_options=client_options, retries=args.retries,
+                        retry_failed=args.retry_failed, overwrite=args.overwrite,
+                        config=cfg.to_dict(), progress=progress)
+    (out / "stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if summary["band_stats"]:
+        plot_band_stats(summary["band_stats"], out / "band_stats.png")
+    _print_summary(summary)
+    print(f"[stats] {out / 'stats.json'}")
+    return 0 if summary["status"].get("pending", 0) == 0 else 1

@@ -110,19 +110,64 @@ def _codecs(modality: str, var: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _is_our_store(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
+def _target(path: str | Path, mode: str = "r"):  # -> str | zarr Store
+    """What zarr/xarray calls take for ``path``: the local path string, or a Zarr store object
+    for an object-storage URL (``s3://``, ``az://``, ``gs://``) opened by
+    :func:`pipeline.storage.open_store`."""
+    from . import storage
+
+    if storage.is_remote(path):
+        return storage.open_store(path, mode="r" if mode == "r" else "a")
+    return str(storage.local_path(path))
+
+
+def _exists(path: str | Path) -> bool:
+    from . import storage
+
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return bool(fs.exists(p)) and bool(fs.ls(p))
+    lp = storage.local_path(path)
+    return lp.exists() and (not lp.is_dir() or any(lp.iterdir()))
+
+
+def _root_attrs(path: str | Path) -> dict | None:
+    """The root ``zarr.json`` attributes, or None when there is none (or it is unreadable)."""
+    from . import storage
+
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return layout.ATTR_SCHEMA in attrs
+        if storage.is_remote(path):
+            fs, p = storage.filesystem(path)
+            text = fs.cat_file(f"{p.rstrip('/')}/zarr.json").decode()
+        else:
+            text = (storage.local_path(path) / "zarr.json").read_text()
+        return json.loads(text).get("attributes", {})
+    except (OSError, ValueError, KeyError):
+        return None
 
 
-def check_writable(path: Path) -> None:
+def _is_our_store(path: str | Path) -> bool:
+    attrs = _root_attrs(path)
+    return attrs is not None and layout.ATTR_SCHEMA in attrs
+
+
+def check_writable(path: str | Path) -> None:
     """Raise :class:`StoreError` unless ``path`` can be created and written."""
+    from . import storage
+
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        probe = f"{p.rstrip('/')}/.ssl4eo-write-probe-{os.getpid()}"
+        try:
+            fs.pipe_file(probe, b"x")
+            fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001 - s3fs/adlfs raise many kinds
+            raise StoreError(
+                f"cannot write the store at {storage.redact(str(path))}: {type(exc).__name__}: "
+                f"{exc}; check the bucket, the credentials in the environment and the "
+                "endpoint (AWS_ENDPOINT_URL)") from exc
+        return
+    path = storage.local_path(path)
     parent = path if path.exists() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -150,15 +195,14 @@ def open_root(path: str | Path, mode: str = "r"):  # -> zarr.Group
     """The root group of an existing store made by this package (else :class:`StoreError`)."""
     import zarr
 
-    path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise StoreError(f"store {path} does not exist; build it with `ssl4eo build`")
     if not _is_our_store(path):
         raise StoreError(
             f"{path} is not an ssl4eo Zarr store (no zarr.json with {layout.ATTR_SCHEMA!r}); "
             "pass the path of a store written by `ssl4eo build`"
         )
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    root = zarr.open_group(_target(path, mode), mode=mode, zarr_format=3)
     version = root.attrs.get(layout.ATTR_SCHEMA)
     if version != layout.SCHEMA_VERSION:
         raise StoreError(
@@ -259,9 +303,8 @@ def create_store(
     import xarray as xr
     import zarr
 
-    path = Path(path)
     samples_arr = np.asarray([str(s) for s in samples])
-    if path.exists() and any(path.iterdir()):
+    if _exists(path):
         if not _is_our_store(path):
             raise StoreError(
                 f"{path} already holds something that is not an ssl4eo store; refusing to write "
@@ -296,14 +339,15 @@ def create_store(
         "ssl4eo:shard_samples": s,
     })
     # attributes first, written by the same call as the arrays; status = 0 (pending) everywhere
-    root_ds.to_zarr(str(path), mode="w", zarr_format=3, compute=False, consolidated=False,
+    target = _target(path, "w")
+    root_ds.to_zarr(target, mode="w", zarr_format=3, compute=False, consolidated=False,
                     encoding={"status": {"chunks": (s,), "fill_value": np.uint8(0)},
                               "failure": {"chunks": (s,)}})
     for m in modalities:
         ds = _template(m, samples_arr, s)
-        ds.to_zarr(str(path), group=m, mode="w", zarr_format=3, compute=False,
+        ds.to_zarr(target, group=m, mode="w", zarr_format=3, compute=False,
                    consolidated=False, encoding=_encoding(m, ds, s))
-    zarr.consolidate_metadata(str(path), zarr_format=3)
+    zarr.consolidate_metadata(target, zarr_format=3)
     return True
 
 
@@ -389,7 +433,7 @@ def write_shard_arrays(
     """Write one whole shard: every modality group, then ``status``/``failure`` (last)."""
     import xarray as xr
 
-    path = str(path)
+    path = _target(path, "r+")
     for modality, arrs in arrays.items():
         dims = {
             "bands": ("sample", "time", "band", "y", "x"), "cloud_mask": ("sample", "time", "y", "x"),
@@ -438,7 +482,7 @@ def finalize(path: str | Path) -> dict[str, Any]:
                     "units": "dB" if m.startswith("S1") else
                     f"DN ({layout.S2_DEFAULT_CONVENTION} offset convention)"}
     root.attrs[layout.ATTR_STATS] = stats
-    zarr.consolidate_metadata(str(path), zarr_format=3)
+    zarr.consolidate_metadata(_target(path, "r+"), zarr_format=3)
     return stats
 
 
@@ -450,7 +494,7 @@ def summary(path: str | Path) -> dict[str, Any]:
     codes = {v: k for k, v in layout.STATUS_CODES.items()}
     ids = np.asarray(root["sample"][...]).astype(str)
     counts = {codes[c]: int((status == c).sum()) for c in codes}
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    size = stored_bytes(path)
     groups = {}
     for m in root.attrs.get("ssl4eo:modalities", []):
         fid = np.asarray(root[m]["file_id"][...]).astype(str)
@@ -464,6 +508,16 @@ def summary(path: str | Path) -> dict[str, Any]:
         "bytes_per_sample": size / max(1, counts.get("complete", 0)),
         "band_stats": root.attrs.get(layout.ATTR_STATS, {}),
     }
+
+
+def stored_bytes(path: str | Path) -> int:
+    """Bytes the store takes (every object under it)."""
+    from . import storage
+
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return int(fs.du(p))
+    return sum(f.stat().st_size for f in storage.local_path(path).rglob("*") if f.is_file())
 
 
 def file_sha256(path: str | Path) -> str:
@@ -505,8 +559,12 @@ def provenance(config: Any, provider: str, scenes_path: str | Path,
 
 def remove_store(path: str | Path) -> None:
     """Delete a store made by this package (refuses anything else)."""
-    path = Path(path)
-    if path.exists():
+    from . import storage
+
+    if _exists(path):
         if not _is_our_store(path):
             raise StoreError(f"{path} is not an ssl4eo store; refusing to delete it")
-        shutil.rmtree(path)
+        if storage.is_remote(path):
+            storage.remove_store(path)
+        else:
+            shutil.rmtree(storage.local_path(path))

@@ -141,3 +141,37 @@ def _tiny_catalog(out: Path) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(item))
     shutil.rmtree(out / "assets" / "sentinel-2-l2a" / "_proto")
+
+
+# ------------------------------------------------------------------ tables and stores (real)
+#: Locations the build tests use: few enough for 2 cores, around cities of the test catalog.
+TEST_SAMPLING = {"num_locations": 10, "sigma_km": 1.2, "clip_km": 2.4, "seed": 3}
+
+
+@pytest.fixture(scope="session")
+def demo_tables(stac_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``ssl4eo sample`` + ``ssl4eo search`` on the served test catalog (the real code)."""
+    from pipeline.config import load_config
+    from pipeline.sampling import sample, write_locations
+    from pipeline.search import search_locations
+
+    out = tmp_path_factory.mktemp("demo-tables")
+    cfg = load_config("demo", overrides={"sampling": TEST_SAMPLING,
+                                         "search": {"stac_url": stac_api.stac_url}})
+    locations = write_locations(sample(cfg.sampling, progress=False),
+                                out / "locations.parquet", cfg)
+    scenes = out / "scenes.parquet"
+    search_locations(locations, scenes, cfg, progress=False)
+    return {"locations": locations, "scenes": scenes, "dir": out}
+
+
+@pytest.fixture(scope="session")
+def clean_store(demo_tables, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test tables built into a store by an uninterrupted run on a LocalCluster."""
+    from pipeline.runner import BuildOptions, run_build
+
+    path = tmp_path_factory.mktemp("clean-store") / "cube.zarr"
+    run_build(demo_tables["locations"], demo_tables["scenes"], path,
+              options=BuildOptions(provider="local", shard_samples=2),
+              client_options={"workers": 2, "threads": 1}, progress=False)
+    return path

@@ -1,0 +1,208 @@
+"""The build end to end on the served test catalog: sample -> search -> build on Dask.
+
+* an uninterrupted run on a LocalCluster (``clean_store``) is complete and opens with xarray;
+* ``ssl4eo build`` killed with SIGKILL midway, then run again: complete, identical to it;
+* a cluster of separate ``dask scheduler`` + two ``dask worker`` processes through
+  ``--scheduler``: identical to it;
+* bad input: missing or foreign tables, a store path holding something else, a path that cannot
+  be written; never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import layout
+from pipeline.cli import main
+from pipeline.store import read_status
+
+SSL4EO = [sys.executable, "-m", "pipeline.cli"]
+COMPLETE = layout.STATUS_CODES["complete"]
+PENDING = layout.STATUS_CODES["pending"]
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Same samples, status and every variable of every group (values, dtypes, NaN/NaT)."""
+    ra, rb = xr.open_zarr(a, consolidated=False), xr.open_zarr(b, consolidated=False)
+    np.testing.assert_array_equal(ra["sample"].values, rb["sample"].values)
+    np.testing.assert_array_equal(ra["status"].values, rb["status"].values)
+    np.testing.assert_array_equal(ra["failure"].values, rb["failure"].values)
+    for group in ("S2L2A", "S1RTC"):
+        ga = xr.open_zarr(a, group=group, consolidated=False)
+        gb = xr.open_zarr(b, group=group, consolidated=False)
+        assert sorted(ga.data_vars) == sorted(gb.data_vars)
+        for name in ga.data_vars:
+            va, vb = ga[name].values, gb[name].values
+            assert va.dtype == vb.dtype, name
+            np.testing.assert_array_equal(va, vb, err_msg=f"{group}/{name} differs")
+
+
+def _build_cmd(tables: dict, store: Path, *extra: str) -> list[str]:
+    return [*SSL4EO, "build", "--locations", str(tables["locations"]), "--scenes",
+            str(tables["scenes"]), "--store", str(store), "--provider", "local",
+            "--shard-samples", "2", "--no-progress", *extra]
+
+
+def test_clean_build_is_complete(clean_store: Path, demo_tables: dict) -> None:
+    import pandas as pd
+
+    status = read_status(clean_store)
+    assert (status == COMPLETE).all(), status
+    s2 = xr.open_zarr(clean_store, group="S2L2A")
+    assert s2["bands"].dims == ("sample", "time", "band", "y", "x")
+    assert s2["bands"].shape[1:] == (4, 12, 264, 264)
+    assert s2["bands"].dtype == np.uint16
+    scenes = pd.read_parquet(demo_tables["scenes"])
+    ok = scenes[(scenes["status"] == "ok") & (scenes["modality"] == "S2L2A")]
+    fid = s2["file_id"].values
+    # every chosen scene is in the store at its season, and no season is filled without one
+    for r in ok.itertuples():
+        i = list(s2["sample"].values).index(r.sample)
+        assert fid[i, r.season] == r.item_id
+    assert (fid != "").sum() == len(ok)
+    t = s2["time_"].values
+    assert np.all(np.isnat(t[fid == ""]))
+    s1 = xr.open_zarr(clean_store, group="S1RTC")
+    vv = s1["bands"].sel(band="vv").values
+    assert np.nanmax(vv) < 30 and np.nanmin(vv) > -60  # dB, not linear
+    root = xr.open_zarr(clean_store)
+    stats = root.attrs[layout.ATTR_STATS]
+    assert len(stats["S2L2A"]["mean"]) == 12 and all(s > 0 for s in stats["S2L2A"]["std"])
+
+
+def test_sigkill_midway_then_resume_equals_clean_run(demo_tables: dict, clean_store: Path,
+                                                     tmp_path: Path) -> None:
+    store = tmp_path / "cube.zarr"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_build_cmd(demo_tables, store, "--workers", "1"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    killed_at = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (store / "status").exists():
+                st = read_status(store)
+                if (st == COMPLETE).sum() >= 2:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_at = st
+                    break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert killed_at is not None, "the build finished or never wrote a shard before the kill"
+    after_kill = read_status(store)
+    assert (after_kill == PENDING).any(), "the kill came too late to test a resume"
+    # a killed run never marks a sample complete whose data is not written: resume fixes all
+    rc = subprocess.run(_build_cmd(demo_tables, store, "--workers", "1"), env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    assert (read_status(store) == COMPLETE).all()
+    assert_same_store(store, clean_store)
+
+
+def test_separate_scheduler_and_two_workers(demo_tables: dict, clean_store: Path,
+                                           tmp_path: Path) -> None:
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        import json
+
+        address = json.loads(sched_file.read_text())["address"]
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                 "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(2, timeout=60)
+            assert len(c.scheduler_info()["workers"]) == 2
+        store = tmp_path / "cube.zarr"
+        rc = subprocess.run(_build_cmd(demo_tables, store, "--scheduler", address),
+                            capture_output=True, text=True, timeout=600)
+        assert rc.returncode == 0, rc.stdout + rc.stderr
+        assert_same_store(store, clean_store)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_stats_cli(clean_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    png = tmp_path / "stats.png"
+    assert main(["stats", "--store", str(clean_store), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "B04" in out and "mean" in out and "complete" in out
+    assert png.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------- bad input
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_missing_scenes_table(demo_tables: dict, tmp_path: Path, capsys) -> None:
+    rc, err = _run(["build", "--locations", str(demo_tables["locations"]), "--scenes",
+                    str(tmp_path / "nope.parquet"), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert rc == 2 and "does not exist" in err and "ssl4eo search" in err
+
+
+def test_foreign_scenes_table(demo_tables: dict, tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    bad = tmp_path / "other.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(bad)
+    rc, err = _run(["build", "--locations", str(demo_tables["locations"]), "--scenes",
+                    str(bad), "--store", str(tmp_path / "s.zarr")], capsys)
+    assert rc == 2 and "lacks column" in err
+
+
+def test_store_path_holding_something_else(demo_tables: dict, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "thesis.txt").write_text("precious")
+    rc, err = _run(["build", "--locations", str(demo_tables["locations"]), "--scenes",
+                    str(demo_tables["scenes"]), "--store", str(target)], capsys)
+    assert rc == 2 and "not an ssl4eo store" in err
+    assert (target / "thesis.txt").read_text() == "precious"
+    rc, err = _run(["build", "--locations", str(demo_tables["locations"]), "--scenes",
+                    str(demo_tables["scenes"]), "--store", str(target), "--overwrite"], capsys)
+    assert rc == 2 and (target / "thesis.txt").exists()
+
+
+def test_store_path_not_writable(demo_tables: dict, tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, err = _run(["build", "--locations", str(demo_tables["locations"]), "--scenes",
+                    str(demo_tables["scenes"]), "--store", str(afile / "cube.zarr")], capsys)
+    assert rc == 2 and "cannot write the store" in err
+
+
+def test_stats_of_a_missing_store(tmp_path: Path, capsys) -> None:
+    rc, err = _run(["stats", "--store", str(tmp_path / "none.zarr")], capsys)
+    assert rc == 2 and "does not exist" in err
