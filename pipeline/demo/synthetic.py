@@ -56,10 +56,10 @@ from .stacmeta import (
 )
 
 #: Half the side of the square each synthetic scene covers around its city, metres, for the
-#: ``demo`` profile: 15.36 km squares (1536 px at 10 m), so locations sampled a few km around
-#: a city (the 2.64 km patches included) lie inside. Multiple of 60 m so the 10/20/60 m grids
-#: share their origin, as in real Sentinel-2 tiles.
-SCENE_HALF_WIDTH_M = 7680
+#: ``demo`` profile: 11.52 km squares (1152 px at 10 m), so the demo preset's locations (offsets
+#: clipped to 4 km, plus the 1.32 km half patch) lie inside. Multiple of 60 m so the 10/20/60 m
+#: grids share their origin, as in real Sentinel-2 tiles.
+SCENE_HALF_WIDTH_M = 5760
 #: The same for the small ``test`` profile (7.68 km squares, 768 px at 10 m).
 TEST_SCENE_HALF_WIDTH_M = 3840
 
