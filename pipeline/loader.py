@@ -520,35 +520,52 @@ class _StoreSamples:
         )
 
     def _read_sample(self, i: int, seasons: Sequence[int]) -> dict[str, np.ndarray]:
-        """(len(seasons), C, H, W) stored values per modality for sample row ``i``."""
+        """(len(seasons), C, H, W) stored values per modality for sample row ``i``.
+
+        Contiguous seasons are one basic-slice read (the shard index is read once for all of
+        them); others one read per season. Never an orthogonal (integer-list) selection: on
+        sharded arrays zarr 3.1 takes ~25x longer for it (``benchmarks/loader.py``).
+        """
         arrays = self._bands()
         out = {}
         unique = sorted(set(seasons))
+        contiguous = unique[-1] - unique[0] + 1 == len(unique)
         for m in self.modalities:
+            arr = arrays[m]
             try:
-                if len(unique) == 1:
-                    data = arrays[m][i, unique[0]][None]
+                if contiguous:
+                    data = arr[i, unique[0] : unique[-1] + 1]
                 else:
-                    data = arrays[m].get_orthogonal_selection((i, unique))
+                    data = np.stack([arr[i, t] for t in unique])
             except Exception as exc:  # noqa: BLE001 - any decode/IO failure names the sample
                 raise self._read_error(m, [i], unique, exc) from exc
-            pos = {t: k for k, t in enumerate(unique)}
-            out[m] = data if list(seasons) == unique else data[[pos[t] for t in seasons]]
+            if list(seasons) != unique:
+                pos = {t: k for k, t in enumerate(unique)}
+                data = data[[pos[t] for t in seasons]]
+            out[m] = data
         return out
 
     # ------------------------------------------------------------------------ building
-    def _to_float(self, m: str, raw: np.ndarray) -> np.ndarray:
-        x = raw.astype(np.float32)
-        mi = self.index.modalities[m]
-        nodata = None
-        if self.fill_nodata is not None:
-            nodata = np.isnan(x) if _is_s1(m, mi.dtype) else raw == layout.S2_NODATA
+    def _to_float(self, m: str, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored values -> float32, normalised, nodata filled; written into ``out`` if given.
+
+        One pass casts and centres (``np.subtract`` into float32), one scales; nodata is looked
+        for with a single reduction first (a patch without nodata, the usual case, then costs no
+        mask at all).
+        """
+        x = np.empty(raw.shape, np.float32) if out is None else out
         if self._norm is not None:
             mean, inv = self._norm[m]
-            x -= mean
+            np.subtract(raw, mean, out=x)
             x *= inv
-        if nodata is not None and nodata.any():
-            x[nodata] = self.fill_nodata
+        else:
+            x[...] = raw
+        if self.fill_nodata is not None:
+            if _is_s1(m, self.index.modalities[m].dtype):
+                if np.isnan(raw.min()):  # min propagates NaN
+                    x[np.isnan(raw)] = self.fill_nodata
+            elif raw.min() == layout.S2_NODATA:
+                x[raw == layout.S2_NODATA] = self.fill_nodata
         return x
 
     def _apply(self, x: torch.Tensor, transform: Callable | None, gen: torch.Generator | None):
@@ -567,8 +584,13 @@ class _StoreSamples:
         self, i: int, seasons: list[int], raw: dict[str, np.ndarray], gen: torch.Generator | None
     ) -> dict[str, Any]:
         # (S, sum C, H, W) float32: modalities concatenated along bands
-        parts = [self._to_float(m, raw[m]) for m in self.modalities]
-        x = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+        first = raw[self.modalities[0]]
+        buf = np.empty((first.shape[0], sum(self._channels), *first.shape[2:]), np.float32)
+        c0 = 0
+        for m, c in zip(self.modalities, self._channels):
+            self._to_float(m, raw[m], out=buf[:, c0 : c0 + c])
+            c0 += c
+        x = torch.from_numpy(buf)
         item: dict[str, Any] = {}
         if self.seasons == "augment":
             transforms = (
@@ -822,6 +844,8 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         seasons = self._draw(i, item_rng)
         if isinstance(self.seasons, int):
             picked = {m: raw[m] for m in raw}  # the one season that was read
+        elif seasons == list(range(seasons[0], seasons[0] + len(seasons))):
+            picked = {m: raw[m][seasons[0] : seasons[0] + len(seasons)] for m in raw}  # a view
         else:
             picked = {m: raw[m][seasons] for m in raw}
         return self._build(i, seasons, picked, gen)
