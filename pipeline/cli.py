@@ -17,6 +17,11 @@ from .errors import UserError
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
     "pipeline.demo.cli",
+    "pipeline.sampling",
+    "pipeline.search",
+    "pipeline.runner",
+    "pipeline.k8s",
+    "pipeline.train.cli",
 )
 
 
