@@ -205,11 +205,172 @@ def stage_catalog_search(ctx: DemoContext) -> dict[str, Any]:
     }
 
 
+def _demo_config(ctx: DemoContext):  # -> pipeline.config.Config
+    from ..config import load_config
+
+    return load_config("demo", overrides={"search": {"stac_url": ctx.served.stac_url}})
+
+
+def stage_sample(ctx: DemoContext) -> dict[str, Any]:
+    """Draw the demo locations around the demo cities (``ssl4eo sample --preset demo``)."""
+    from ..sampling import sample, write_locations
+
+    cfg = _demo_config(ctx)
+    t = time.perf_counter()
+    gdf = sample(cfg.sampling, progress=False)
+    path = write_locations(gdf, ctx.out / "locations.parquet", cfg)
+    per_city = gdf["city"].value_counts().sort_index().to_dict()
+    _say(f"[sample] {len(gdf)} non-overlapping 2.64 km locations around "
+         f"{len(per_city)} cities -> {path.name} ({time.perf_counter() - t:.2f} s)")
+    plot = _plot_locations(gdf, ctx.out / "locations.png")
+    _say(f"[sample] map of the patches: {plot}")
+    ctx.state["locations"] = path
+    return {"locations": len(gdf), "per_city": per_city, "epsg": sorted(
+        int(e) for e in gdf["epsg"].unique()), "file": str(path), "plot": str(plot)}
+
+
+def _plot_locations(gdf, path: Path) -> Path:  # noqa: ANN001
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cities = sorted(gdf["city"].unique())
+    fig, axes = plt.subplots(1, len(cities), figsize=(3.2 * len(cities), 3.4), squeeze=False)
+    for ax, city in zip(axes[0], cities, strict=True):
+        sub = gdf[gdf["city"] == city]
+        for geom, epsg in zip(sub.geometry, sub["epsg"], strict=True):
+            x, y = geom.exterior.xy
+            ax.fill(x, y, alpha=0.5, color=f"C{int(epsg) % 10}")
+        ax.set_title(f"{city} ({len(sub)})", fontsize=9)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.tick_params(labelsize=7)
+    fig.suptitle("demo locations (patch footprints, colour = UTM zone)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def stage_search(ctx: DemoContext) -> dict[str, Any]:
+    """Batched scene search on the served API (``ssl4eo search --preset demo``)."""
+    import pandas as pd
+
+    from ..search import search_locations
+
+    cfg = _demo_config(ctx)
+    path = ctx.out / "scenes.parquet"
+    info = search_locations(ctx.state["locations"], path, cfg, progress=True)
+    df = pd.read_parquet(path, columns=["modality", "season", "status"])
+    ok = df[df["status"] == "ok"].groupby(["modality", "season"]).size().unstack(fill_value=0)
+    _say(f"[search] {info['requests']} STAC requests for {info['location_windows']} "
+         f"location-windows x {len(cfg.search.modalities)} modalities "
+         f"({info['requests_per_location_window']:.3f} per location-window)")
+    for m, row in ok.iterrows():
+        _say(f"[search]   {m}: scenes chosen per season " + " / ".join(str(int(v)) for v in row))
+    if info["missing"]:
+        _say(f"[search]   {info['missing']} (location, season, modality) without a scene "
+             "(recorded with the reason; stored as nodata)")
+    ctx.state["scenes"] = path
+    keep = ("requests", "location_windows", "requests_per_location_window", "groups",
+            "searches", "items_seen", "missing", "skipped_count")
+    return {"file": str(path), **{k: info[k] for k in keep}}
+
+
+def stage_build(ctx: DemoContext) -> dict[str, Any]:
+    """Build the sharded Zarr store on a local Dask cluster (``ssl4eo build``)."""
+    from ..runner import BuildOptions, plot_band_stats, run_build
+
+    store_path = ctx.out / "cube.zarr"
+    cfg = _demo_config(ctx)
+    opts = BuildOptions(provider="local", shard_samples=8)
+    _say(f"[build] {store_path.name}: one Dask task per shard of {opts.shard_samples} samples")
+    summary = run_build(ctx.state["locations"], ctx.state["scenes"], store_path, options=opts,
+                        client_options={"threads": 1}, overwrite=True, config=cfg.to_dict(),
+                        progress=True)
+    st = summary["status"]
+    _say(f"[build] {st.get('complete', 0)} of {summary['samples']} samples complete, "
+         f"{st.get('failed', 0)} failed; {summary['stored_bytes'] / 1e6:.1f} MB "
+         f"({summary['bytes_per_sample'] / 1e6:.2f} MB per sample, 4 seasons)")
+    plot = plot_band_stats(summary["band_stats"], ctx.out / "band_stats.png")
+    quick = _plot_quicklook(store_path, ctx.out / "quicklook.png")
+    _say(f"[build] band statistics: {plot}; RGB + S1 quicklook: {quick}")
+    _say(f"[build] open it with: xr.open_zarr('{store_path}', group='S2L2A')")
+    ctx.state["store"] = store_path
+    return {"store": str(store_path), "samples": summary["samples"], "status": st,
+            "groups": summary["groups"], "stored_bytes": summary["stored_bytes"],
+            "bytes_per_sample": round(summary["bytes_per_sample"]),
+            "failures": summary["failures"], "band_stats": summary["band_stats"],
+            "plots": [str(plot), str(quick)]}
+
+
+def _plot_quicklook(store_path: Path, path: Path, n: int = 4) -> Path:
+    """RGB of ``n`` samples over the four seasons, with S1 VV beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import xarray as xr
+
+    s2 = xr.open_zarr(store_path, group="S2L2A")
+    s1 = xr.open_zarr(store_path, group="S1RTC") if (store_path / "S1RTC").exists() else None
+    n = min(n, s2.sizes["sample"])
+    cols = 4 + (4 if s1 is not None else 0)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), squeeze=False)
+    for i in range(n):
+        rgb = s2["bands"].isel(sample=i).sel(band=["B04", "B03", "B02"]).values.astype("f4")
+        for t in range(4):
+            img = np.clip((rgb[t] - 1000) / 3000, 0, 1).transpose(1, 2, 0)
+            axes[i, t].imshow(img)
+            axes[i, t].set_title(f"S2 t{t}", fontsize=7)
+        if s1 is not None:
+            vv = s1["bands"].isel(sample=i).sel(band="vv").values
+            for t in range(4):
+                axes[i, 4 + t].imshow(vv[t], cmap="gray", vmin=-25, vmax=0)
+                axes[i, 4 + t].set_title(f"S1 VV t{t}", fontsize=7)
+        axes[i, 0].set_ylabel(str(s2["sample"].values[i]), fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def stage_pretrain_probe(ctx: DemoContext) -> dict[str, Any]:
+    """A short CPU pretraining (MoCo-v2, small backbone) on the demo store, then a linear probe
+    of the exported weights next to the same backbone with random weights."""
+    from ..train.cli import pretrain_and_probe
+
+    eurosat = None
+    if ctx.real_data is not None and (ctx.real_data / "eurosat_ms_1pct").is_dir():
+        eurosat = ctx.real_data / "eurosat_ms_1pct"
+    where = (f"EuroSAT-MS ({eurosat})" if eurosat else
+             "the synthetic scenes' known land cover (EuroSAT-MS not found)")
+    _say(f"[pretrain] MoCo-v2 on {ctx.state['store'].name} (CPU-sized); probe on {where}")
+    result = pretrain_and_probe(str(ctx.state["store"]), ctx.out / "pretrain", method="moco",
+                                data_dir=eurosat, catalog_dir=ctx.catalog_dir, progress=True)
+    for line in result["text"].splitlines():
+        _say(f"[probe] {line}")
+    pre, probe = result["pretrain"], result["probe"]
+    losses = [h["loss"] for h in pre["history"]]
+    return {"method": pre["method"], "arch": pre["arch"], "epochs": pre["epochs"],
+            "steps": pre["steps"], "loss_per_epoch": losses, "weights": pre["weights"],
+            "probe": {k: v for k, v in probe.items() if not isinstance(v, list | dict)
+                      or k in ("pretrained", "random", "classes")}}
+
+
 #: The demo's stages, in order. Later pipeline stages append themselves here.
 STAGES: list[tuple[str, Stage]] = [
     ("catalog", stage_catalog),
     ("serve", stage_serve),
     ("catalog_search", stage_catalog_search),
+    ("sample", stage_sample),
+    ("search", stage_search),
+    ("build", stage_build),
+    ("pretrain_probe", stage_pretrain_probe),
 ]
 
 
