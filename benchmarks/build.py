@@ -1,0 +1,265 @@
+"""Build throughput: the pipeline vs direct rasterio reads (the limit) vs odc-stac (the peer).
+
+All three cut the same patches (every chosen (location, season, modality) scene of the demo
+locations, every band, warped onto the location's 10 m UTM grid with bilinear resampling) from
+the same COGs over the same loopback HTTP server (Range requests, GDAL /vsicurl/):
+
+* ``pipeline``: ``ssl4eo build`` (``pipeline.runner.run_build``) on a LocalCluster of one
+  single-threaded worker process, i.e. one core, writing the sharded Zarr store;
+* ``rasterio``: a tight loop that opens each asset and reads the window through a ``WarpedVRT``
+  (what GDAL alone costs; no store written) with the same number of read threads;
+* ``odc_stac``: ``odc.stac.load`` of the same items and bands on the same GeoBox, computed with
+  the same number of threads (no store written).
+
+Each runs in its own process, one after the other, so peak memory (``ru_maxrss``) is its own;
+for the pipeline it is the Dask worker's. Patches/s/core divides by the CPU seconds the run's
+processes used (user + system), so the servers' share of the machine does not count.
+Prints one JSON object::
+
+    python benchmarks/build.py                       # builds a temporary demo catalog
+    python benchmarks/build.py --catalog demo-output/catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ------------------------------------------------------------------------------- one method
+def _work(scenes_path: Path, locations_path: Path):  # -> list of (loc, modality, item dicts)
+    import pandas as pd
+
+    from pipeline.runner import read_locations
+
+    locs = read_locations(locations_path)
+    scenes = pd.read_parquet(scenes_path)
+    ok = scenes[scenes["status"] == "ok"]
+    jobs = []
+    for loc in locs.to_dict("records"):
+        rows = ok[ok["sample"] == loc["sample"]]
+        for m in sorted(set(rows["modality"])):
+            items = [json.loads(s) for s in rows[rows["modality"] == m]["item_json"]]
+            jobs.append((loc, m, items))
+    return jobs
+
+
+def _assets(modality: str) -> list[str]:
+    from pipeline import layout
+    from pipeline.providers import get_provider
+
+    p = get_provider("local", "http://unused.invalid")
+    keys = [p.asset_key(modality, b) for b in layout.BANDS[modality]]
+    if modality == layout.S2L2A:
+        keys.append("SCL")
+    return keys
+
+
+def run_rasterio(scenes_path: Path, locations_path: Path, threads: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    from pipeline import layout
+    from pipeline.cube import GDAL_HTTP_ENV, Grid
+
+    n = layout.PATCH_PIXELS
+    tasks = []
+    for loc, m, items in _work(scenes_path, locations_path):
+        grid = Grid.from_location(loc)
+        for it in items:
+            for key in _assets(m):
+                rs = Resampling.nearest if key == "SCL" else Resampling.bilinear
+                tasks.append((it["assets"][key]["href"], grid, rs))
+
+    def read(task) -> float:  # noqa: ANN001
+        href, grid, rs = task
+        with rasterio.open(href) as src, WarpedVRT(
+                src, crs=f"EPSG:{grid.epsg}", transform=grid.transform, width=n, height=n,
+                resampling=rs) as vrt:
+            return float(np.asarray(vrt.read(1)).mean())
+
+    with rasterio.Env(**GDAL_HTTP_ENV), ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, tasks))
+    return {"reads": len(tasks)}
+
+
+def run_odc(scenes_path: Path, locations_path: Path, threads: int) -> dict:
+    import dask
+    import odc.stac
+    import pystac
+    from odc.geo.geobox import GeoBox
+
+    from pipeline import layout
+    from pipeline.cube import GDAL_HTTP_ENV, Grid
+
+    odc.stac.configure_rio(cloud_defaults=False, **{k: v for k, v in GDAL_HTTP_ENV.items()})
+    n = 0
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        for loc, m, items in _work(scenes_path, locations_path):
+            grid = Grid.from_location(loc)
+            gbox = GeoBox((layout.PATCH_PIXELS, layout.PATCH_PIXELS), grid.transform,
+                          f"EPSG:{grid.epsg}")
+            bands = _assets(m)
+            ds = odc.stac.load([pystac.Item.from_dict(it) for it in items], bands=bands,
+                               geobox=gbox, resampling={"*": "bilinear", "SCL": "nearest"},
+                               chunks={}, groupby="id", fail_on_error=True)
+            ds.load()
+            n += len(items) * len(bands)
+    return {"reads": n}
+
+
+def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Path) -> dict:
+    from distributed import Client, LocalCluster
+
+    from pipeline.runner import BuildOptions, run_build
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        summary = run_build(locations_path, scenes_path, out,
+                            options=BuildOptions(provider="local", read_threads=threads,
+                                                 shard_samples=8),
+                            client=client, overwrite=True, progress=False)
+
+        def usage() -> dict:
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return {"maxrss_kb": r.ru_maxrss, "cpu_s": r.ru_utime + r.ru_stime}
+
+        worker = list(client.run(usage).values())[0]
+    return {"worker_peak_rss_mb": worker["maxrss_kb"] / 1024, "worker_cpu_s": worker["cpu_s"],
+            "stored_bytes": summary["stored_bytes"], "samples": summary["samples"],
+            "complete": summary["status"].get("complete", 0)}
+
+
+def _child(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    if args.mode == "rasterio":
+        out = run_rasterio(args.scenes, args.locations, args.threads)
+    elif args.mode == "odc_stac":
+        out = run_odc(args.scenes, args.locations, args.threads)
+    else:
+        out = run_pipeline(args.scenes, args.locations, args.threads, args.store)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out["seconds"] = time.perf_counter() - t0
+    out["cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    out["peak_rss_mb"] = r1.ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+def _measure(mode: str, tables: dict, threads: int, store: Path) -> dict:
+    cmd = [sys.executable, __file__, "--mode", mode, "--scenes", str(tables["scenes"]),
+           "--locations", str(tables["locations"]), "--threads", str(threads),
+           "--store", str(store)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--catalog", type=Path, default=None,
+                    help="an embedded catalog to serve (default: build the demo one in a "
+                    "temporary folder)")
+    ap.add_argument("--num-locations", type=int, default=25, help="demo locations to cut")
+    ap.add_argument("--threads", type=int, default=8,
+                    help="concurrent reads inside one process (all three methods)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (best is kept)")
+    ap.add_argument("--mode", choices=("rasterio", "odc_stac", "pipeline"), help=argparse.SUPPRESS)
+    ap.add_argument("--scenes", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--locations", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.mode:
+        return _child(args)
+
+    from pipeline.config import load_config
+    from pipeline.demo.catalog import build_catalog
+    from pipeline.demo.serve import start_catalog_server
+    from pipeline.sampling import sample, write_locations
+    from pipeline.search import search_locations
+
+    with tempfile.TemporaryDirectory(prefix="ssl4eo-bench-build-") as tmp:
+        tmp = Path(tmp)
+        cat = args.catalog
+        if cat is None:
+            cat = tmp / "catalog"
+            build_catalog(cat, profile="demo", real_data=None, seed=0, progress=False)
+        served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
+        try:
+            cfg = load_config("demo", overrides={
+                "sampling": {"num_locations": args.num_locations},
+                "search": {"stac_url": served.stac_url}})
+            tables = {"locations": write_locations(sample(cfg.sampling, progress=False),
+                                                   tmp / "locations.parquet", cfg),
+                      "scenes": tmp / "scenes.parquet"}
+            search_locations(tables["locations"], tables["scenes"], cfg, progress=False)
+            import pandas as pd
+
+            scenes = pd.read_parquet(tables["scenes"])
+            patches = int((scenes["status"] == "ok").sum())
+            results: dict[str, dict] = {}
+            for mode in ("rasterio", "odc_stac", "pipeline"):
+                runs = [_measure(mode, tables, args.threads, tmp / "cube.zarr")
+                        for _ in range(args.repeat)]
+                results[mode] = min(runs, key=lambda r: r["seconds"])
+        finally:
+            served.stop()
+
+    def per_core(r: dict, cpu_key: str = "cpu_s") -> float:
+        return patches / max(r[cpu_key], 1e-9)
+
+    pipe = results["pipeline"]
+    pipe_cpu = pipe["worker_cpu_s"]
+    out = {
+        "benchmark": "build",
+        "locations": args.num_locations,
+        "patches": patches,
+        "patch": "one (location, season, modality) scene: S2 12 bands + SCL or S1 vv+vh, "
+                 "264 x 264 at 10 m",
+        "read_threads": args.threads,
+        "patches_per_s_per_core": {
+            "pipeline": round(patches / pipe_cpu, 2),
+            "rasterio_limit": round(per_core(results["rasterio"]), 2),
+            "odc_stac": round(per_core(results["odc_stac"]), 2),
+        },
+        "patches_per_s_wall": {
+            "pipeline": round(patches / pipe["seconds"], 2),
+            "rasterio_limit": round(patches / results["rasterio"]["seconds"], 2),
+            "odc_stac": round(patches / results["odc_stac"]["seconds"], 2),
+        },
+        "peak_memory_mb": {
+            "pipeline_worker": round(pipe["worker_peak_rss_mb"], 1),
+            "rasterio": round(results["rasterio"]["peak_rss_mb"], 1),
+            "odc_stac": round(results["odc_stac"]["peak_rss_mb"], 1),
+        },
+        "stored_bytes_per_patch": round(pipe["stored_bytes"] / patches),
+        "samples_complete": pipe["complete"],
+    }
+    ppc = out["patches_per_s_per_core"]
+    out["ratio_pipeline_to_rasterio_limit"] = round(ppc["pipeline"] / ppc["rasterio_limit"], 3)
+    out["ratio_pipeline_to_odc_stac"] = round(ppc["pipeline"] / ppc["odc_stac"], 3)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
