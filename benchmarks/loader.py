@@ -22,6 +22,17 @@ Prints JSON with, for the same samples of one store:
   limit CPU per sample / the workers' CPU per sample (psutil). The aim is at least 0.9 per
   worker. ``cpu_ratio`` is the figure to read on a busy machine, where wall-clock rates measure
   the neighbours as much as the loader.
+* ``fast_paths``: the training fast path, :class:`~pipeline.loader.ZarrShardStream` with
+  ``batch_size=--batch`` through ``DataLoader(batch_size=None)`` (ready batches, filled in place
+  in shared memory: no per-sample collate), with ``output="raw"`` (stored uint16/float32 values,
+  normalised later on the GPU by :class:`~pipeline.loader.StoreNormalize`) and with
+  ``output="float32"`` (normalised in the workers), 1 and 2 workers; the same figures as
+  ``loaders``. Batches of stores in the pipeline's layout are read by the loader's shard
+  reader (each chunk decompressed into its place in the batch); ``raw-zarr`` is the raw path
+  with every read through zarr instead (``"reads": "zarr"``), to show what that reader saves.
+  ``in_process`` also has the raw batched stream alone, and
+  ``store_normalize_cpu_ms_per_sample`` is what :class:`~pipeline.loader.StoreNormalize` costs
+  on this CPU for one sample of a raw batch (the work the fast path moves to the GPU).
 
 A "sample" is one location with every season the loader serves (``--seasons all``: the four
 chunks per modality the limit loop decodes for it). Timing: every measurement is preceded by a
@@ -173,18 +184,31 @@ def codec_limit(path: Path, modalities: list[str], rows: np.ndarray, repeat: int
             "decoded_bytes_per_sample": int(nbytes / len(rows))}
 
 
-def in_process_rate(kind: str, path: Path, modalities: list[str], args) -> dict:
+def _stack(modalities: list[str]) -> bool:
+    """Raw values stack only when every modality is stored with one dtype (S2 with S2)."""
+    return len({m.startswith("S1") for m in modalities}) == 1
+
+
+def in_process_rate(kind: str, path: Path, modalities: list[str], args,
+                    output: str = "float32", batched: bool = False) -> dict:
     """The dataset alone, in this process, no DataLoader: what the loader's own code costs
     per sample on top of decoding (the DataLoader adds collation into shared memory)."""
     from pipeline.loader import ZarrPatchDataset, ZarrShardStream
 
     common = dict(modalities=modalities, seasons=args.seasons, normalize=args.normalize,
-                  transform=None, seed=0, return_metadata=False)
+                  transform=None, seed=0, return_metadata=False, output=output,
+                  stack=output == "float32" or _stack(modalities))
     if kind == "ZarrPatchDataset":
         ds = ZarrPatchDataset(path, **common)
 
         def one_pass() -> int:
             return sum(1 for k in range(len(ds)) if ds[k] is not None)
+    elif batched:
+        ds = ZarrShardStream(path, **common, buffer_size=args.buffer, batch_size=args.batch)
+
+        def one_pass() -> int:
+            return sum(len(b["image"] if common["stack"] else b["image"][modalities[0]])
+                       for b in ds)
     else:
         ds = ZarrShardStream(path, **common, buffer_size=args.buffer)
 
@@ -198,8 +222,34 @@ def in_process_rate(kind: str, path: Path, modalities: list[str], args) -> dict:
         one_pass()
         best = min(best, time.perf_counter() - t0)
         cpu = min(cpu, time.process_time() - c0)
-    return {"dataset": kind, "workers": 0, "samples": n, "seconds": round(best, 4),
-            "samples_per_s": round(n / best, 2), "cpu_ms_per_sample": round(cpu / n * 1e3, 2)}
+    out = {"dataset": kind, "workers": 0, "samples": n, "seconds": round(best, 4),
+           "samples_per_s": round(n / best, 2), "cpu_ms_per_sample": round(cpu / n * 1e3, 2)}
+    if output != "float32" or batched:
+        out.update(output=output, batch_size=args.batch if batched else None)
+    return out
+
+
+def normalize_cost(path: Path, modalities: list[str], args) -> float:
+    """CPU ms per sample of :class:`~pipeline.loader.StoreNormalize` on raw batches, here on
+    the CPU (on a GPU this is the work moved off the loader workers)."""
+    import torch
+
+    from pipeline.loader import StoreNormalize, ZarrShardStream
+
+    ds = ZarrShardStream(path, modalities, seasons=args.seasons, normalize=args.normalize,
+                         seed=0, return_metadata=False, output="raw", stack=_stack(modalities),
+                         buffer_size=args.buffer, batch_size=args.batch)
+    norm = StoreNormalize.from_store(ds, stack=True)
+    batch = next(iter(ds))
+    n = len(batch["image"] if ds.stack else batch["image"][modalities[0]])
+    best = float("inf")
+    with torch.no_grad():
+        norm(batch)  # warm-up
+        for _ in range(max(args.repeat, 2)):
+            c0 = time.process_time()
+            norm(batch)
+            best = min(best, time.process_time() - c0)
+    return round(best / n * 1e3, 2)
 
 
 def _worker_cpu(loader) -> float | None:
@@ -214,25 +264,32 @@ def _worker_cpu(loader) -> float | None:
 
 
 def loader_rate(kind: str, path: Path, modalities: list[str], workers: int, args,
-                bytes_per_sample: int) -> dict:
+                bytes_per_sample: int, output: str = "float32", batched: bool = False,
+                zarr_reads: bool = False) -> dict:
     """Samples/s of one dataset through a DataLoader (best epoch after the first: persistent
-    workers, so start-up and imports are not timed), and the CPU the workers spent per sample."""
+    workers, so start-up and imports are not timed), and the CPU the workers spent per sample.
+    ``batched``: the stream yields ready batches (``batch_size=--batch`` on the stream,
+    ``DataLoader(batch_size=None)``)."""
     from torch.utils.data import DataLoader
 
     from pipeline.loader import ZarrPatchDataset, ZarrShardStream
 
+    stack = output == "float32" or _stack(modalities)
     common = dict(modalities=modalities, seasons=args.seasons, normalize=args.normalize,
-                  transform=None, seed=0, return_metadata=False)
+                  transform=None, seed=0, return_metadata=False, output=output, stack=stack)
     if kind == "ZarrPatchDataset":
         ds = ZarrPatchDataset(path, **common)
-        extra = {"shuffle": True}
+        extra = {"shuffle": True, "batch_size": args.batch}
+    elif batched:
+        ds = ZarrShardStream(path, **common, buffer_size=args.buffer, batch_size=args.batch)
+        ds._direct_reads = not zarr_reads
+        extra = {"batch_size": None}
     else:
         ds = ZarrShardStream(path, **common, buffer_size=args.buffer)
-        extra = {}
-    n = len(ds)
-    loader = DataLoader(ds, batch_size=args.batch, num_workers=workers,
-                        multiprocessing_context="forkserver", persistent_workers=True,
-                        prefetch_factor=2, **extra)
+        extra = {"batch_size": args.batch}
+    n = len(ds) if not batched else sum(ds.rank_lengths())
+    loader = DataLoader(ds, num_workers=workers, multiprocessing_context="forkserver",
+                        persistent_workers=True, prefetch_factor=2, **extra)
     best = best_cpu = best_main = float("inf")
     for epoch in range(1 + args.repeat):
         ds.set_epoch(epoch)
@@ -240,7 +297,7 @@ def loader_rate(kind: str, path: Path, modalities: list[str], workers: int, args
         cpu0 = _worker_cpu(loader)
         t0, m0 = time.perf_counter(), time.process_time()
         for batch in loader:
-            image = batch["image"]
+            image = batch["image"] if stack else batch["image"][modalities[0]]
             seen += image.shape[0]
         dt, dm = time.perf_counter() - t0, time.process_time() - m0
         cpu1 = _worker_cpu(loader)
@@ -252,12 +309,21 @@ def loader_rate(kind: str, path: Path, modalities: list[str], workers: int, args
                 best_cpu = min(best_cpu, cpu1 - cpu0)
     del loader
     shape = tuple(image.shape[1:])
+    if stack:
+        out_bytes = image.element_size() * int(np.prod(shape))
+    else:
+        out_bytes = sum(t.element_size() * t[0].numel() for t in batch["image"].values())
     out = {"dataset": kind, "workers": workers, "samples": n, "seconds": round(best, 4),
            "samples_per_s": round(n / best, 2),
            "decoded_mb_per_s": round(n * bytes_per_sample / best / MB, 1),
-           "output_mb_per_s": round(n * 4 * int(np.prod(shape)) / best / MB, 1),
+           "output_mb_per_s": round(n * out_bytes / best / MB, 1),
            "item_shape": list(shape),
            "main_process_cpu_ms_per_sample": round(best_main / n * 1e3, 2)}
+    if output != "float32" or batched:
+        out.update(output=output, batch_size=args.batch, batched=batched,
+                   item_dtype=str(image.dtype).replace("torch.", ""))
+    if batched:
+        out["reads"] = "zarr" if zarr_reads else "shard reader (zarr if not the layout)"
     if best_cpu < float("inf"):
         out["worker_cpu_ms_per_sample"] = round(best_cpu / n * 1e3, 2)
     return out
@@ -278,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--datasets", nargs="+", default=["ZarrPatchDataset", "ZarrShardStream"],
                    choices=["ZarrPatchDataset", "ZarrShardStream"])
+    p.add_argument("--fast-paths", nargs="*", default=["raw", "float32", "raw-zarr"],
+                   choices=["raw", "float32", "raw-zarr"],
+                   help="outputs of the batched ZarrShardStream to measure (none: skip)")
     p.add_argument("--repeat", type=int, default=2, help="timed passes (best kept)")
     args = p.parse_args(argv)
     if args.seasons not in ("all", "random"):
@@ -323,18 +392,35 @@ def main(argv: list[str] | None = None) -> int:
             r["cpu_ratio"] = round(limit_cpu_ms / r["cpu_ms_per_sample"], 3)
             in_process.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
+        if "raw" in args.fast_paths:
+            r = in_process_rate("ZarrShardStream", path, args.modalities, args, "raw", True)
+            r["ratio"] = round(r["samples_per_s"] / limit_rate, 3)
+            r["cpu_ratio"] = round(limit_cpu_ms / r["cpu_ms_per_sample"], 3)
+            in_process.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+        limit_sample_cpu_ms = (limit_sample_reads["cpu_seconds"] / len(rows) * 1e3 * chunks
+                               / layout.NUM_SEASONS)
+
+        def rate(kind: str, w: int, output: str = "float32", batched: bool = False) -> dict:
+            r = loader_rate(kind, path, args.modalities, w, args, per_sample,
+                            output.removesuffix("-zarr"), batched, output.endswith("-zarr"))
+            r["per_worker_ratio"] = round(r["samples_per_s"] / (w * limit_rate), 3)
+            if "worker_cpu_ms_per_sample" in r:  # the same ratio in CPU time, robust to a
+                # busy machine: the limit's CPU per sample over the workers' CPU per sample
+                r["cpu_ratio"] = round(limit_cpu_ms / r["worker_cpu_ms_per_sample"], 3)
+                r["cpu_ratio_vs_sample_reads"] = round(
+                    limit_sample_cpu_ms / r["worker_cpu_ms_per_sample"], 3)
+            r["per_worker_ratio_vs_sample_reads"] = round(
+                r["samples_per_s"] / (w * limit_sample_reads["samples_per_s"]
+                                      * layout.NUM_SEASONS / chunks), 3)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            return r
+
         for kind in args.datasets:
             for w in args.workers:
-                r = loader_rate(kind, path, args.modalities, w, args, per_sample)
-                r["per_worker_ratio"] = round(r["samples_per_s"] / (w * limit_rate), 3)
-                if "worker_cpu_ms_per_sample" in r:  # the same ratio in CPU time, robust to a
-                    # busy machine: the limit's CPU per sample over the workers' CPU per sample
-                    r["cpu_ratio"] = round(limit_cpu_ms / r["worker_cpu_ms_per_sample"], 3)
-                r["per_worker_ratio_vs_sample_reads"] = round(
-                    r["samples_per_s"] / (w * limit_sample_reads["samples_per_s"]
-                                          * layout.NUM_SEASONS / chunks), 3)
-                loaders.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                loaders.append(rate(kind, w))
+        fast_paths = [rate("ZarrShardStream", w, output, True)
+                      for output in args.fast_paths for w in args.workers]
         out = {
             "store": str(args.store) if args.store else f"temporary ({args.samples} samples, "
             f"shards of {args.shard_samples})",
@@ -344,9 +430,18 @@ def main(argv: list[str] | None = None) -> int:
             "compression_ratio": round(raw / stored, 3) if stored else None,
             "limit_samples_per_s_in_loader_samples": round(limit_rate, 2),
             "codec_limit": limit,
+            # the limit again after the loaders: how much the machine's load drifted meanwhile
+            "codec_limit_cpu_ms_per_sample_start_end": [
+                round(limit["cpu_seconds"] / len(rows) * 1e3, 2),
+                round(codec_limit(path, args.modalities, rows, args.repeat)["cpu_seconds"]
+                      / len(rows) * 1e3, 2)],
             "codec_limit_sample_reads": limit_sample_reads,
             "in_process": in_process,
             "loaders": loaders,
+            "fast_paths": fast_paths,
+            "store_normalize_cpu_ms_per_sample": (
+                normalize_cost(path, args.modalities, args) if "raw" in args.fast_paths
+                else None),
             "aim_per_worker_ratio": 0.9,
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),

@@ -29,12 +29,28 @@ the store), ``seasons`` (the season index of each returned time step or view), `
 (``{modality: acquisition time, int64 ns since the epoch}`` per returned season), ``lat``,
 ``lon`` and ``bands`` (band names, in channel order).
 
-Values are float32. Normalisation: ``normalize=True``/``"store"`` uses the statistics in the
-store's root attributes (:data:`~pipeline.layout.ATTR_STATS`), a dict gives them
-(``{"S2L2A": {"mean": [...], "std": [...]}}``, or ``{"mean", "std"}`` for one modality; with
-``stack=True`` a flat list over the stacked bands also works), ``False`` returns stored values
-(S2 DN in the v1.1 +1000 convention, S1 dB). Nodata pixels (S2 ``0``, S1 ``NaN``) are set to
-``fill_nodata`` (default ``0.0``, the band mean after normalisation; ``None`` keeps them).
+Values (``output="float32"``, the default) are float32. Normalisation: ``normalize=True``
+or ``"store"`` uses the statistics in the store's root attributes
+(:data:`~pipeline.layout.ATTR_STATS`), a dict gives them (``{"S2L2A": {"mean": [...], "std":
+[...]}}``, or ``{"mean", "std"}`` for one modality; with ``stack=True`` a flat list over the
+stacked bands also works), ``False`` returns stored values (S2 DN in the v1.1 +1000
+convention, S1 dB). Nodata pixels (S2 ``0``, S1 ``NaN``) are set to ``fill_nodata`` (default
+``0.0``, the band mean after normalisation; ``None`` keeps them).
+
+``output="raw"`` returns the stored values untouched, in the stored dtype (S2 ``uint16`` DN,
+2 bytes a pixel; S1 ``float32`` dB with ``NaN``): no cast, no normalisation, no nodata fill, no
+transforms. :class:`StoreNormalize` (``StoreNormalize.from_store(dataset)``) then applies the
+dataset's normalisation and nodata fill to a batch on whatever device the batch is on, with
+results exactly equal to ``output="float32"``. Raw values of modalities with different dtypes
+(S2 with S1) cannot share a tensor: use ``stack=False`` and let :class:`StoreNormalize` stack.
+
+Fast path for training on a GPU: ``ZarrShardStream(..., output="raw", batch_size=B)`` through
+``DataLoader(stream, batch_size=None, num_workers=...)``, then ``StoreNormalize`` (and batch
+augmentations) on the GPU. The workers then only decode: each batch is one array, allocated in
+shared memory, with every chunk decompressed straight into its place, so PyTorch's per-sample
+collate (a copy of every sample into a fresh shared-memory block) and the float conversion
+(twice the bytes) leave the workers. Per-sample CPU transforms (``transform=``) need the
+default per-sample items.
 
 Randomness (season draws and transforms from :mod:`pipeline.transforms`) is a function of
 ``(seed, epoch, sample index)``: an item is the same whichever worker or rank reads it. Call
@@ -66,10 +82,12 @@ log = logging.getLogger(__name__)
 
 SeasonMode = int | Literal["all", "random", "augment"]
 Normalize = bool | Literal["store"] | Mapping[str, Any]
+Output = Literal["float32", "raw"]
 
 __all__ = [
     "CorruptSampleError",
     "StoreIndex",
+    "StoreNormalize",
     "ZarrPatchDataset",
     "ZarrShardStream",
     "partition_shards",
@@ -353,6 +371,222 @@ def _accepts_generator(transform: Any) -> bool:
     return bool(getattr(transform, "accepts_generator", False))
 
 
+#: Largest read of consecutive samples in one zarr call for batches. zarr 3.1 decodes a
+#: selection into a temporary of the selection's size within each shard before copying it
+#: out; beyond glibc's largest mmap threshold (32 MiB) every such temporary is fresh memory,
+#: whose page faults cost more than the fewer calls save.
+_RUN_BYTES = 24 * 2**20
+
+
+class _ShardReader:
+    """Inner chunks of one sharded ``bands`` array, decoded straight into the caller's arrays.
+
+    zarr 3.1 decodes every chunk into a buffer of its own, copies it into a temporary per shard
+    and that into the output, around an event-loop round trip per call: for a 264 px S2 sample
+    (four blosc chunks) ~12 ms of CPU, of which ~5 ms is decompression (``benchmarks/loader.py``
+    ``fast_paths``: ``raw`` against ``raw-zarr``). For batches, where each chunk has a place in
+    the batch array, this reader fetches the shard indexes (cached, crc32c checked) and
+    the chunks' bytes through the array's own zarr store (``get_partial_values``, concurrent)
+    and decompresses each chunk into its place. It takes only arrays laid out the way the
+    pipeline writes them (Zarr v3 sharding; inner chunks of one sample and season with all
+    bands and pixels; the ``bytes`` codec in this machine's byte order; at most one blosc or
+    zstd compressor; index codecs ``bytes`` + ``crc32c``): :meth:`of` returns ``None`` for
+    anything else, which zarr then reads. Missing shards and chunks read as the fill value, as
+    in zarr.
+    """
+
+    MISSING = 2**64 - 1
+    GROUP = 64  # chunks fetched per store call (bounds the compressed bytes held at once)
+
+    def __init__(self, arr: Any, sharding: Any, compressor: str | None) -> None:
+        from zarr.core.buffer import default_buffer_prototype
+
+        self.store = arr.store_path.store
+        self.prefix = arr.store_path.path
+        self.metadata = arr.metadata
+        self.shard_shape = tuple(int(v) for v in arr.shards)
+        self.per_shard = tuple(
+            int(s // c) for s, c in zip(self.shard_shape, sharding.chunk_shape)
+        )
+        self.index_nbytes = 16 * int(np.prod(self.per_shard)) + 4
+        self.index_at_end = str(getattr(sharding.index_location, "value", "end")) == "end"
+        self.dtype = np.dtype(arr.dtype)
+        self.fill = np.asarray(arr.fill_value, dtype=self.dtype)
+        self.chunk_shape = tuple(int(v) for v in sharding.chunk_shape[2:])
+        self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        self.compressor = compressor
+        if compressor == "blosc":
+            from numcodecs import Blosc
+
+            self._codec: Any = Blosc()
+        elif compressor == "zstd":
+            from numcodecs import Zstd
+
+            self._codec = Zstd()
+        self.prototype = default_buffer_prototype()
+        self._index: dict[tuple[int, int], tuple[str, np.ndarray | None]] = {}
+
+    @classmethod
+    def of(cls, arr: Any) -> _ShardReader | None:
+        import sys
+
+        try:
+            import google_crc32c  # noqa: F401 - what the reader needs, or zarr reads
+            from zarr.abc.store import RangeByteRequest, SuffixByteRequest  # noqa: F401
+            from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+            from zarr.core.sync import sync  # noqa: F401
+
+            meta = arr.metadata
+            codecs = tuple(getattr(meta, "codecs", ()))
+            if getattr(meta, "zarr_format", None) != 3 or len(codecs) != 1:
+                return None
+            sh = codecs[0]
+            if not isinstance(sh, ShardingCodec) or arr.shards is None or arr.ndim != 5:
+                return None
+            dtype = np.dtype(arr.dtype)
+            if not dtype.isnative or dtype.hasobject or sys.byteorder != "little":
+                return None
+
+            def little(codec: Any) -> bool:
+                endian = getattr(codec, "endian", None)
+                return isinstance(codec, BytesCodec) and (
+                    endian is None or getattr(endian, "value", endian) == "little"
+                )
+
+            inner = tuple(sh.codecs)
+            if not inner or not little(inner[0]) or len(inner) > 2:
+                return None
+            compressor = None
+            if len(inner) == 2:
+                if isinstance(inner[1], BloscCodec):
+                    compressor = "blosc"
+                elif isinstance(inner[1], ZstdCodec):
+                    compressor = "zstd"
+                else:
+                    return None
+            index = tuple(sh.index_codecs)
+            if len(index) != 2 or not little(index[0]) or not isinstance(index[1], Crc32cCodec):
+                return None
+            chunk = tuple(int(v) for v in sh.chunk_shape)
+            full = tuple(int(v) for v in arr.shape[2:])
+            if chunk[:2] != (1, 1) or chunk[2:] != full or tuple(arr.shards)[2:] != full:
+                return None
+            return cls(arr, sh, compressor)
+        except Exception:  # noqa: BLE001 - an unknown layout or zarr version: zarr reads it
+            return None
+
+    def _key(self, shard: tuple[int, int]) -> str:
+        key = self.metadata.encode_chunk_key((*shard, 0, 0, 0))
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _shard_index(self, shard: tuple[int, int]) -> tuple[str, np.ndarray | None]:
+        """(key, (samples, times, 2) offsets and lengths), or (key, None) for a missing shard."""
+        hit = self._index.get(shard)
+        if hit is not None:
+            return hit
+        import google_crc32c
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+        from zarr.core.sync import sync
+
+        key = self._key(shard)
+        n = self.index_nbytes
+        rng = SuffixByteRequest(n) if self.index_at_end else RangeByteRequest(0, n)
+        buf = sync(self.store.get(key, self.prototype, byte_range=rng))
+        table = None
+        if buf is not None:
+            raw = buf.as_numpy_array().view(np.uint8)
+            if raw.size != n:
+                raise ValueError(f"shard index of {key} has {raw.size} bytes, expected {n}")
+            crc = np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes()
+            if crc != raw[-4:].tobytes():
+                raise ValueError(f"the shard index checksum of {key} does not match")
+            table = raw[:-4].view("<u8").reshape(*self.per_shard[:2], 2)
+        if len(self._index) >= 256:
+            self._index.clear()
+        self._index[shard] = (key, table)
+        return key, table
+
+    def _decode(self, data: np.ndarray, out: np.ndarray) -> None:
+        dst = out.reshape(-1).view(np.uint8)
+        if self.compressor == "blosc":  # the header has the size: decompress into place
+            size = int.from_bytes(data[4:8].tobytes(), "little")
+            if size != self.chunk_nbytes:
+                raise ValueError(f"chunk decodes to {size} bytes, expected {self.chunk_nbytes}")
+            self._codec.decode(data, out=dst)
+            return
+        if self.compressor == "zstd":  # numcodecs does not tell how much it wrote: copy
+            data = np.frombuffer(self._codec.decode(data), np.uint8)
+        if data.size != self.chunk_nbytes:
+            raise ValueError(f"chunk has {data.size} bytes, expected {self.chunk_nbytes}")
+        dst[:] = data
+
+    def read(
+        self, items: Sequence[tuple[int, int, np.ndarray]]
+    ) -> list[tuple[int, int, Exception]]:
+        """Decode chunk (row, season) into each C-contiguous ``out`` [C, H, W]; returns the
+        (row, season, error) of the chunks that could not be read or decoded."""
+        from zarr.abc.store import RangeByteRequest
+        from zarr.core.sync import sync
+
+        failed: list[tuple[int, int, Exception]] = []
+        todo: list[tuple[int, int, np.ndarray, str, int, int]] = []
+        s_rows, s_times = self.shard_shape[0], self.shard_shape[1]
+        for row, t, out in items:
+            if out.shape != self.chunk_shape or not out.flags.c_contiguous:
+                raise ValueError(f"a chunk goes into a C-contiguous {self.chunk_shape} array")
+            try:
+                key, table = self._shard_index((row // s_rows, t // s_times))
+            except Exception as exc:  # noqa: BLE001
+                failed.append((row, t, exc))
+                continue
+            offset, length = (
+                (self.MISSING, self.MISSING) if table is None
+                else (int(v) for v in table[row % s_rows, t % s_times])
+            )
+            if offset == self.MISSING and length == self.MISSING:
+                out[...] = self.fill
+            else:
+                todo.append((row, t, out, key, offset, length))
+        for g in range(0, len(todo), self.GROUP):
+            group = todo[g : g + self.GROUP]
+            try:
+                bufs = sync(self.store.get_partial_values(
+                    self.prototype, [(k, RangeByteRequest(o, o + n)) for *_, k, o, n in group]
+                ))
+            except Exception as exc:  # noqa: BLE001
+                failed += [(row, t, exc) for row, t, *_ in group]
+                continue
+            for (row, t, out, key, _, length), buf in zip(group, bufs):
+                try:
+                    if buf is None:
+                        raise FileNotFoundError(f"{key} is missing")
+                    data = buf.as_numpy_array().view(np.uint8)
+                    if data.size != length:
+                        raise ValueError(f"read {data.size} bytes of a {length}-byte chunk")
+                    self._decode(data, out)
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((row, t, exc))
+        return failed
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised tensor and its numpy view; in shared memory in a DataLoader worker.
+
+    A worker sends a tensor to the main process through shared memory: one allocated there
+    from the start is sent as it is, where any other would be copied into a new block first
+    (what the default collate does for every batch, as its own ``torch.stack`` output).
+    """
+    dtype = np.dtype(dtype)
+    tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if torch.utils.data.get_worker_info() is None:
+        t = torch.empty(shape, dtype=tdtype)
+    else:
+        n = int(np.prod(shape, dtype=np.int64))
+        storage = torch.UntypedStorage._new_shared(n * dtype.itemsize)
+        t = torch.empty(0, dtype=tdtype).set_(storage, 0, shape)
+    return t, t.numpy()
+
+
 # ------------------------------------------------------------------------------- base class
 class _StoreSamples:
     """Option handling, store index, lazy array handles and the item builder."""
@@ -372,7 +606,16 @@ class _StoreSamples:
         min_seasons: int | None = None,
         fill_nodata: float | None = 0.0,
         storage_options: Mapping[str, Any] | None = None,
+        output: Output = "float32",
     ) -> None:
+        if output not in ("float32", "raw"):
+            raise ValueError(f"output must be 'float32' or 'raw', not {output!r}")
+        if output == "raw" and transform is not None:
+            raise ValueError(
+                "output='raw' returns stored values, which transforms cannot take: normalise the "
+                "batch with StoreNormalize first and augment it there (on the GPU), or use "
+                "output='float32' for per-sample transforms"
+            )
         if isinstance(modalities, str):
             modalities = (modalities,)
         self.modalities = tuple(modalities)
@@ -404,6 +647,7 @@ class _StoreSamples:
         self.seed = seed
         self.return_metadata = return_metadata
         self.fill_nodata = fill_nodata
+        self.output = output
         self.epoch = 0
 
         self.index = read_store_index(self.url, self.modalities, self.storage_options)
@@ -433,6 +677,14 @@ class _StoreSamples:
             )
         self._channels = [len(self.index.modalities[m].bands) for m in self.modalities]
         self._arrays: dict[str, Any] | None = None
+        dtypes = {m: np.dtype(self.index.modalities[m].dtype) for m in self.modalities}
+        if output == "raw" and stack and len(set(dtypes.values())) > 1:
+            raise ValueError(
+                f"output='raw' cannot stack modalities stored with different dtypes "
+                f"({', '.join(f'{m}: {d}' for m, d in dtypes.items())}); use stack=False and "
+                "StoreNormalize.from_store(dataset, stack=True), which concatenates the "
+                "normalised bands"
+            )
 
     # -------------------------------------------------------------------- public properties
     @property
@@ -466,6 +718,9 @@ class _StoreSamples:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_arrays"] = None  # never ship open zarr handles to workers
+        if "_scratch" in state:
+            state["_scratch"] = {}  # nor read buffers and shard readers
+            state["_readers"] = None
         return state
 
     def _bands(self) -> dict[str, Any]:
@@ -583,6 +838,52 @@ class _StoreSamples:
     def _build(
         self, i: int, seasons: list[int], raw: dict[str, np.ndarray], gen: torch.Generator | None
     ) -> dict[str, Any]:
+        if self.output == "raw":
+            item = self._build_raw(seasons, raw)
+        else:
+            item = self._build_float(seasons, raw, gen)
+        if self.return_metadata:
+            item["sample"] = str(self.index.sample_ids[i])
+            item["index"] = int(i)
+            item["seasons"] = torch.tensor(seasons, dtype=torch.long)
+            item["time"] = {
+                m: torch.from_numpy(
+                    self.index.modalities[m].times[i, seasons].astype("datetime64[ns]").view(
+                        np.int64
+                    ).copy()
+                )
+                for m in self.modalities
+            }
+            item["lat"] = float(self.index.lat[i])
+            item["lon"] = float(self.index.lon[i])
+            item["bands"] = self.band_names
+        return item
+
+    def _build_raw(self, seasons: list[int], raw: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Stored values as tensors (S, C, H, W) per modality, shaped like the float items."""
+        if self.stack:
+            arrays = [raw[m] for m in self.modalities]
+            x = torch.from_numpy(
+                arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+            )
+
+            def take(sel: Any) -> Any:
+                return x[sel]
+        else:
+            xs = {m: torch.from_numpy(raw[m]) for m in self.modalities}
+
+            def take(sel: Any) -> Any:
+                return {m: t[sel] for m, t in xs.items()}
+
+        if self.seasons == "augment":
+            return {"views": [take(v) for v in range(len(seasons))]}
+        if self.seasons == "all":
+            return {"image": take(slice(None))}
+        return {"image": take(0)}
+
+    def _build_float(
+        self, seasons: list[int], raw: dict[str, np.ndarray], gen: torch.Generator | None
+    ) -> dict[str, Any]:
         # (S, sum C, H, W) float32: modalities concatenated along bands
         first = raw[self.modalities[0]]
         buf = np.empty((first.shape[0], sum(self._channels), *first.shape[2:]), np.float32)
@@ -608,21 +909,6 @@ class _StoreSamples:
             item["image"] = self._split(y.reshape(s, c, *y.shape[-2:]), 1)
         else:
             item["image"] = self._split(self._apply(x[0], self.transform, gen), 0)
-        if self.return_metadata:
-            item["sample"] = str(self.index.sample_ids[i])
-            item["index"] = int(i)
-            item["seasons"] = torch.tensor(seasons, dtype=torch.long)
-            item["time"] = {
-                m: torch.from_numpy(
-                    self.index.modalities[m].times[i, seasons].astype("datetime64[ns]").view(
-                        np.int64
-                    ).copy()
-                )
-                for m in self.modalities
-            }
-            item["lat"] = float(self.index.lat[i])
-            item["lon"] = float(self.index.lon[i])
-            item["bands"] = self.band_names
         return item
 
 
@@ -658,6 +944,11 @@ class ZarrPatchDataset(_StoreSamples, Dataset):
         Value for nodata pixels after normalisation (``None`` keeps them).
     storage_options
         fsspec options for remote stores (credentials come from the environment).
+    output
+        ``"float32"`` (default): normalised float32 items, ready for per-sample ``transform``.
+        ``"raw"``: the stored values in the stored dtype (S2 ``uint16``, S1 ``float32`` with
+        ``NaN``), half the bytes for S2 and no float work in the workers; normalise the batch
+        with :class:`StoreNormalize` (on the GPU). No ``transform`` with ``"raw"``.
     """
 
     def __len__(self) -> int:
@@ -695,6 +986,33 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
     The epoch: :meth:`set_epoch` sets it; a dataset copy also advances it by one after each
     full pass, so persistent workers move on to the next epoch by themselves.
 
+    **Batches** (``batch_size=B``): the stream yields ready batches, to be used with
+    ``DataLoader(stream, batch_size=None, ...)``; ``len()`` is then this rank's number of
+    batches. This is the fast path for training: each batch is one array per output, allocated
+    in shared memory when read in a DataLoader worker and filled in place (each chunk of a
+    store in the pipeline's layout decompressed straight into its place by
+    :class:`_ShardReader`; other stores through zarr, runs of consecutive store rows with one
+    slice each), so there is no per-sample collate copy and no temporary per sample or shard.
+    With ``output="raw"`` (see the module doc) the workers only decode, and
+    :class:`StoreNormalize` normalises the batch on the GPU; ``output="float32"`` batches are
+    normalised in the workers. The order: this rank's shards (the same split over ranks as
+    above) are taken in windows of whole shards holding at least ``buffer_size`` samples, the
+    samples of a window are permuted (``shuffle=True``; the window holds row numbers, not
+    data, so a large ``buffer_size`` costs no memory) and the sequence is cut into batches of
+    ``B`` (the rank's last batch may be smaller); batch ``j`` is read by DataLoader worker
+    ``j % num_workers``, so the DataLoader yields the batches in that order whatever the number
+    of workers: a function of ``(seed, epoch, rank)`` only. Every servable sample is in exactly
+    one batch per epoch over all ranks and workers. Within a batch, samples are in store order.
+    Batch items have the collated form: ``image`` [B, C, H, W] (``"all"``: [B, T, C, H, W]),
+    ``views`` a list of [B, C, H, W]; metadata ``sample`` (list), ``index``, ``seasons`` [B, S],
+    ``time`` (``{modality: [B, S]}``), ``lat``, ``lon`` (tensors) and ``bands`` (one list for the
+    batch). No ``transform`` with batches (augment the batch instead); ``seasons="all"`` needs
+    every sample to have all seasons (``min_seasons`` at its default).
+
+    When to use which: per-sample items (``batch_size=None``) for per-sample CPU transforms and
+    ``DataLoader(batch_size=..)`` collation; ``batch_size`` with ``output="raw"`` and
+    :class:`StoreNormalize` when a GPU consumes the batches and the workers' CPU is the limit.
+
     Other parameters are those of :class:`ZarrPatchDataset`.
     """
 
@@ -718,14 +1036,35 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         min_seasons: int | None = None,
         fill_nodata: float | None = 0.0,
         storage_options: Mapping[str, Any] | None = None,
+        output: Output = "float32",
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(
             store, modalities, stack, seasons, num_views, normalize, transform, seed,
             return_metadata, min_seasons=min_seasons, fill_nodata=fill_nodata,
-            storage_options=storage_options,
+            storage_options=storage_options, output=output,
         )
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, not {buffer_size}")
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int or None, not {batch_size!r}")
+            if transform is not None:
+                raise ValueError(
+                    "batch_size reads whole batches, which per-sample transforms cannot take: "
+                    "augment the batch (on the GPU), or use batch_size=None with "
+                    "DataLoader(batch_size=...)"
+                )
+            if seasons == "all" and self.min_seasons < self.num_times:
+                raise ValueError(
+                    f"seasons='all' with min_seasons={self.min_seasons} serves samples with "
+                    f"fewer than {self.num_times} seasons, which cannot share a batch tensor; "
+                    "use batch_size=None, or the default min_seasons"
+                )
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self._scratch: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+        self._readers: dict[str, _ShardReader | None] | None = None
+        self._direct_reads = True  # False: batches read through zarr only (benchmarks)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
@@ -785,8 +1124,10 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         ]
 
     def __len__(self) -> int:
+        """Samples this rank yields in the current epoch; batches with ``batch_size``."""
         rank, _ = self._world()
-        return self.rank_lengths()[rank]
+        n = self.rank_lengths()[rank]
+        return n if self.batch_size is None else -(-n // self.batch_size)
 
     def _read_shard(self, start: int, stop: int) -> dict[str, np.ndarray]:
         arrays = self._bands()
@@ -814,6 +1155,11 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         rank, _ = self._world()
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.batch_size is not None:
+            batches = self.batch_plan(epoch)
+            for j in range(wid, len(batches), nworkers):  # the DataLoader's round-robin order
+                yield self._read_batch(batches[j], epoch)
+            return
         mine = self.plan(epoch, nworkers)[rank][wid]
         rng = np.random.default_rng(_mix(self.seed or 0, epoch, rank, wid, 0xB0FF))
         buffer: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -827,6 +1173,193 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
             del data
         while buffer:
             yield self._emit(buffer, rng, epoch)
+
+    # ---------------------------------------------------------------------------- batches
+    def batch_plan(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches in ``epoch`` (default: the current one), as sorted store rows.
+
+        Windows of whole shards (in :meth:`plan` order) holding at least ``buffer_size``
+        samples are permuted (``shuffle=True``) and the sequence is cut into ``batch_size``
+        pieces. Needs ``batch_size``.
+        """
+        if self.batch_size is None:
+            raise ValueError("batch_plan needs a stream made with batch_size")
+        epoch = self._effective_epoch() if epoch is None else epoch
+        rank, _ = self._world()
+        rng = np.random.default_rng(_mix(self.seed or 0, epoch, rank, 0xBA7C))
+        pieces: list[np.ndarray] = []
+        window: list[np.ndarray] = []
+
+        def flush() -> None:
+            if window:
+                rows = np.concatenate(window)
+                pieces.append(rng.permutation(rows) if self.shuffle else rows)
+                window.clear()
+
+        for s in self.plan(epoch, 1)[rank][0]:
+            window.append(self._shards[s][2])
+            if sum(len(w) for w in window) >= self.buffer_size:
+                flush()
+        flush()
+        order = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
+        b = self.batch_size
+        return [np.sort(order[k : k + b]) for k in range(0, len(order), b)]
+
+    def _scratch_array(self, m: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A reusable read buffer (warm pages) for stored values that are converted or copied."""
+        key = (m, shape)
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) > 2 * len(self.modalities):  # a last, smaller batch: keep few
+                self._scratch.clear()
+            buf = self._scratch[key] = np.empty(shape, dtype)
+        return buf
+
+    def _get(self, m: str, sel: tuple, out: np.ndarray, rows: Sequence[int], seasons: Any) -> None:
+        """Read ``sel`` of modality ``m`` into the C-contiguous ``out`` (zarr fills it)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        arr = self._bands()[m]
+        try:
+            arr.get_basic_selection(
+                sel, out=default_buffer_prototype().nd_buffer.from_numpy_array(out)
+            )
+        except Exception as exc:  # noqa: BLE001 - any decode/IO failure names the samples
+            bad = []
+            if len(rows) > 1:
+                for r in rows:  # find the samples that cannot be read
+                    try:
+                        arr[(int(r),) + tuple(sel[1:])]
+                    except Exception:  # noqa: BLE001
+                        bad.append(int(r))
+            raise self._read_error(m, bad or [int(r) for r in rows], seasons, exc) from exc
+
+    def _reader(self, m: str) -> _ShardReader | None:
+        if self._readers is None:
+            arrays = self._bands()
+            self._readers = {
+                k: _ShardReader.of(arrays[k]) if self._direct_reads else None
+                for k in self.modalities
+            }
+        return self._readers[m]
+
+    def _fill(self, m: str, rows: np.ndarray, draws: list[list[int]], dst: np.ndarray) -> None:
+        """Stored values of ``rows`` into ``dst``: (B, S, C, H, W), or (V, B, C, H, W) for
+        ``"augment"``.
+
+        Arrays in the pipeline's layout are read by :class:`_ShardReader`, each chunk
+        decompressed into its place. Otherwise zarr reads: fixed seasons and ``"all"`` runs of
+        consecutive rows with one slice each (at most ``_RUN_BYTES`` per read: zarr decodes a
+        run into a temporary of its size first), ``"random"`` and ``"augment"`` one chunk per
+        (sample, drawn season).
+        """
+        views = self.seasons == "augment"
+        reader = self._reader(m)
+        if reader is not None:
+            items, copies = [], []
+            for p, (i, seasons) in enumerate(zip(rows, draws)):
+                done: dict[int, np.ndarray] = {}
+                for s, t in enumerate(seasons):
+                    slot = dst[s, p] if views else dst[p, s]
+                    if t in done:
+                        copies.append((slot, done[t]))
+                    else:
+                        items.append((int(i), int(t), slot))
+                        done[t] = slot
+            failed = reader.read(items)
+            if failed:
+                bad = sorted({r for r, _, _ in failed})
+                seasons_bad = sorted({t for _, t, _ in failed})
+                raise self._read_error(m, bad, seasons_bad, failed[0][2]) from failed[0][2]
+            for slot, src in copies:
+                slot[...] = src
+            return
+        if self.seasons == "all" or isinstance(self.seasons, int):
+            t0 = self.seasons if isinstance(self.seasons, int) else 0
+            t1 = t0 + dst.shape[1]
+            cap = max(1, _RUN_BYTES // max(dst[0].nbytes, 1))
+            p0 = 0
+            while p0 < len(rows):
+                p1 = p0 + 1
+                while p1 < len(rows) and p1 - p0 < cap and rows[p1] == rows[p1 - 1] + 1:
+                    p1 += 1
+                sel = (slice(int(rows[p0]), int(rows[p1 - 1]) + 1), slice(t0, t1))
+                self._get(m, sel, dst[p0:p1], rows[p0:p1], list(range(t0, t1)))
+                p0 = p1
+            return
+        for p, (i, seasons) in enumerate(zip(rows, draws)):
+            done: dict[int, np.ndarray] = {}
+            for s, t in enumerate(seasons):
+                slot = dst[s, p] if views else dst[p, s]
+                if t in done:
+                    slot[...] = done[t]
+                else:
+                    self._get(m, (int(i), t), slot, [int(i)], [t])
+                    done[t] = slot
+
+    def _read_batch(self, rows: np.ndarray, epoch: int) -> dict[str, Any]:
+        """One batch: draws per sample (as in per-sample mode), reads, item in collated form."""
+        draws = []
+        for i in rows:
+            rng, _ = self._generators(int(i), epoch)
+            draws.append(self._draw(int(i), rng))
+        b = len(rows)
+        steps = len(draws[0]) if draws else 1
+        views = self.seasons == "augment"
+        lead = (steps, b) if views else (b, steps)
+        h, w = self.patch_size
+        raw = self.output == "raw"
+        dtypes = {m: np.dtype(self.index.modalities[m].dtype) for m in self.modalities}
+        outs: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # per modality (stack=False)
+        if self.stack:
+            dtype = dtypes[self.modalities[0]] if raw else np.dtype(np.float32)
+            whole = _shared_empty((*lead, self.num_bands, h, w), dtype)
+        c0 = 0
+        for m, c in zip(self.modalities, self._channels):
+            if self.stack:
+                block = whole[1][..., c0 : c0 + c, :, :]
+            else:
+                outs[m] = _shared_empty((*lead, c, h, w), dtypes[m] if raw else np.float32)
+                block = outs[m][1]
+            if raw and block.flags.c_contiguous:
+                self._fill(m, rows, draws, block)  # decoded into the batch itself
+            else:
+                tmp = self._scratch_array(m, (*lead, c, h, w), dtypes[m])
+                self._fill(m, rows, draws, tmp)
+                if raw:
+                    block[...] = tmp
+                else:
+                    self._to_float(m, tmp, out=block)
+            c0 += c
+
+        def take(sel: Any) -> Any:
+            if self.stack:
+                return whole[0][sel]
+            return {m: outs[m][0][sel] for m in self.modalities}
+
+        item: dict[str, Any] = {}
+        if views:
+            item["views"] = [take(v) for v in range(steps)]
+        elif self.seasons == "all":
+            item["image"] = take(slice(None))
+        else:
+            item["image"] = take((slice(None), 0))
+        if self.return_metadata:
+            seasons = np.asarray(draws, dtype=np.int64).reshape(b, steps)
+            item["sample"] = [str(self.index.sample_ids[i]) for i in rows]
+            item["index"] = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+            item["seasons"] = torch.from_numpy(seasons)
+            item["time"] = {
+                m: torch.from_numpy(
+                    self.index.modalities[m].times[np.asarray(rows)[:, None], seasons]
+                    .astype("datetime64[ns]").view(np.int64)
+                )
+                for m in self.modalities
+            }
+            item["lat"] = torch.from_numpy(self.index.lat[rows].astype(np.float64))
+            item["lon"] = torch.from_numpy(self.index.lon[rows].astype(np.float64))
+            item["bands"] = self.band_names
+        return item
 
     def _emit(
         self,
@@ -854,4 +1387,180 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         return (
             f"ZarrShardStream({_display(self.url)!r}, modalities={self.modalities}, "
             f"seasons={self.seasons!r}, samples={len(self._eligible)}, shards={self.num_shards})"
+        )
+
+
+# ------------------------------------------------------------------------ normalisation
+class StoreNormalize(torch.nn.Module):
+    """The loader's normalisation as a module, for ``output="raw"`` batches on any device.
+
+    ``forward`` casts stored values to float32, subtracts the band mean, multiplies by the
+    inverse band std and sets nodata pixels (S2 ``0``, S1 ``NaN``, found in the stored values)
+    to ``fill_nodata``: the same float32 operations in the same order as the datasets'
+    ``output="float32"`` path, so the results are exactly equal. It runs where the batch is
+    (``batch.to("cuda")`` first moves the work to the GPU; the statistics follow the batch).
+
+    Build it with :meth:`from_store` from a dataset (its statistics, ``fill_nodata``, modalities
+    and ``stack``) or from a store URL. ``forward`` takes:
+
+    * a tensor [..., C, H, W] with the channels of all modalities in order (``stack=True``
+      output, or one modality's output);
+    * a dict ``{modality: tensor}`` (``stack=False`` output): normalised per modality, then
+      concatenated along the band axis in modality order when ``stack=True``;
+    * a list or tuple of those (``views``), or an item/batch dict: its ``image`` and ``views``
+      are normalised, other entries are passed through.
+
+    A new float32 tensor is returned; the input is not modified.
+    """
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        channels: Sequence[int],
+        nodata: Sequence[Literal["zero", "nan"]],
+        mean: Sequence[float] | np.ndarray | None = None,
+        inv_std: Sequence[float] | np.ndarray | None = None,
+        fill_nodata: float | None = 0.0,
+        stack: bool = True,
+    ) -> None:
+        """``mean`` and ``inv_std`` (1/std, float32) over all channels, or both ``None`` (no
+        normalisation); ``nodata`` per modality: ``"zero"`` (S2) or ``"nan"`` (S1)."""
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.channels = tuple(int(c) for c in channels)
+        self.nodata = tuple(nodata)
+        if not (len(self.modalities) == len(self.channels) == len(self.nodata)):
+            raise ValueError("modalities, channels and nodata need one entry per modality")
+        if any(k not in ("zero", "nan") for k in self.nodata):
+            raise ValueError(f"nodata entries are 'zero' or 'nan', not {self.nodata}")
+        if (mean is None) != (inv_std is None):
+            raise ValueError("give both mean and inv_std, or neither")
+        total = sum(self.channels)
+        self.normalized = mean is not None
+        m = np.zeros(total, np.float32) if mean is None else np.asarray(mean, np.float32).ravel()
+        s = np.ones(total, np.float32) if inv_std is None else np.asarray(inv_std, np.float32)
+        s = s.ravel()
+        if m.shape != (total,) or s.shape != (total,):
+            raise ValueError(f"mean and inv_std need {total} values, got {m.size} and {s.size}")
+        self.register_buffer("mean", torch.from_numpy(m.copy()), persistent=False)
+        self.register_buffer("inv_std", torch.from_numpy(s.copy()), persistent=False)
+        self.fill_nodata = None if fill_nodata is None else float(fill_nodata)
+        self.stack = bool(stack)
+        starts = np.concatenate([[0], np.cumsum(self.channels)]).astype(int)
+        self._span = {
+            mod: (int(starts[k]), int(starts[k + 1])) for k, mod in enumerate(self.modalities)
+        }
+
+    @classmethod
+    def from_store(
+        cls,
+        source: _StoreSamples | str | os.PathLike[str],
+        modalities: str | Sequence[str] | None = None,
+        *,
+        normalize: Normalize = True,
+        fill_nodata: float | None = 0.0,
+        stack: bool | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> StoreNormalize:
+        """From a dataset (its normalisation, ``fill_nodata``, modalities; ``stack`` defaults
+        to the dataset's) or from a store path/URL with ``modalities`` (default S2L2A),
+        ``normalize`` and ``fill_nodata`` as the datasets take them (``stack`` default True)."""
+        if isinstance(source, _StoreSamples):
+            if modalities is not None:
+                raise ValueError("modalities come from the dataset; do not pass them")
+            mods = source.modalities
+            index = source.index
+            norm = source._norm
+            fill = source.fill_nodata
+            stack = source.stack if stack is None else stack
+        else:
+            if modalities is None:
+                modalities = (layout.S2L2A,)
+            mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+            url = os.fspath(source)
+            index = read_store_index(url, mods, storage_options)
+            norm = _norm_from(normalize, index, mods, _display(url))
+            fill = fill_nodata
+            stack = True if stack is None else stack
+        channels = [len(index.modalities[m].bands) for m in mods]
+        kinds = ["nan" if _is_s1(m, index.modalities[m].dtype) else "zero" for m in mods]
+        mean = inv = None
+        if norm is not None:
+            mean = np.concatenate([norm[m][0].ravel() for m in mods])
+            inv = np.concatenate([norm[m][1].ravel() for m in mods])
+        return cls(mods, channels, kinds, mean, inv, fill, stack)
+
+    def _normalize(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Normalise ``x`` [..., C, H, W] holding channels ``start:stop`` of the stacked order."""
+        if x.ndim < 3 or x.shape[-3] != stop - start:
+            raise ValueError(
+                f"expected [..., {stop - start}, H, W] (channels of {self._names(start, stop)}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        y = x.to(torch.float32, copy=True)  # stored values are exact in float32
+        masks = []  # nodata, found in the stored values (before normalisation)
+        if self.fill_nodata is not None:
+            for mod, kind in zip(self.modalities, self.nodata):
+                a, b = self._span[mod]
+                a, b = max(a, start) - start, min(b, stop) - start
+                if a < b:
+                    block = y[..., a:b, :, :]
+                    masks.append((a, b, torch.isnan(block) if kind == "nan" else block == 0))
+        if self.normalized:  # as the float32 path: (x - mean) in float32, then * (1 / std)
+            y.sub_(self.mean[start:stop].to(y.device).view(-1, 1, 1))
+            y.mul_(self.inv_std[start:stop].to(y.device).view(-1, 1, 1))
+        for a, b, mask in masks:
+            y[..., a:b, :, :].masked_fill_(mask, self.fill_nodata)
+        return y
+
+    def _names(self, start: int, stop: int) -> str:
+        return ", ".join(m for m in self.modalities if self._span[m][0] < stop
+                         and self._span[m][1] > start)
+
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        total = sum(self.channels)
+        if x.ndim >= 3 and x.shape[-3] == total:
+            return self._normalize(x, 0, total)
+        raise ValueError(
+            f"expected [..., {total}, H, W] (the bands of {', '.join(self.modalities)}), got "
+            f"shape {tuple(x.shape)}; pass a dict {{modality: tensor}} for single modalities"
+        )
+
+    def _modalities(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, Any]:
+        out = {m: self._normalize(t, *self._span[m]) for m, t in x.items()}
+        if not self.stack:
+            return out
+        missing = [m for m in self.modalities if m not in out]
+        if missing:
+            raise ValueError(f"stack=True needs every modality; missing {missing}")
+        return torch.cat([out[m] for m in self.modalities], dim=-3)
+
+    def forward(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self._tensor(x)
+        if isinstance(x, list | tuple):
+            return type(x)(self.forward(v) for v in x)
+        if isinstance(x, Mapping):
+            if "image" in x or "views" in x:
+                out = dict(x)
+                for key in ("image", "views"):
+                    if key in out:
+                        out[key] = self.forward(out[key])
+                return out
+            unknown = [k for k in x if k not in self._span]
+            if unknown:
+                raise ValueError(
+                    f"StoreNormalize for {list(self.modalities)} got a dict with keys "
+                    f"{unknown}; pass a tensor, a {{modality: tensor}} dict or an item/batch"
+                )
+            return self._modalities(x)
+        raise TypeError(f"StoreNormalize takes tensors, dicts or lists, not {type(x).__name__}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"modalities={list(self.modalities)}, channels={list(self.channels)}, "
+            f"normalized={self.normalized}, fill_nodata={self.fill_nodata}, stack={self.stack}"
         )

@@ -18,8 +18,10 @@ from pipeline import layout
 from pipeline.errors import StoreError
 from pipeline.loader import (
     CorruptSampleError,
+    StoreNormalize,
     ZarrPatchDataset,
     ZarrShardStream,
+    _ShardReader,
     partition_shards,
 )
 from pipeline.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop
@@ -294,3 +296,263 @@ def test_corrupted_chunk_names_the_sample(tmp_path: Path) -> None:
     assert "S2L2A" in str(info.value) and "bad.zarr" in str(info.value)
     with pytest.raises(CorruptSampleError, match="0000004, 0000005, 0000006, 0000007"):
         list(ZarrShardStream(path, S2, shuffle=False))
+
+
+# ------------------------------------------------------------- raw output, normalisation
+def test_raw_output_values_and_dtypes(store: Path) -> None:
+    s2 = ZarrPatchDataset(store, S2, seasons=2, output="raw")[1]["image"]
+    assert s2.dtype == torch.uint16 and s2.shape == (12, 16, 16)
+    assert int(s2[4, 3, 3]) == expected_value(S2, 1, 2, 4)
+    assert int(s2[4, 0, 0]) == 0  # nodata kept (fill_nodata applies to float32 output only)
+    s1 = ZarrPatchDataset(store, S1, seasons=2, output="raw")[1]["image"]
+    assert s1.dtype == torch.float32 and torch.isnan(s1[:, 0, 0]).all()
+    assert float(s1[1, 3, 3]) == expected_value(S1, 1, 2, 1)  # stored dB, not normalised
+    both = ZarrPatchDataset(store, (S2, S1), stack=False, seasons="all", output="raw")[0]
+    assert both["image"][S2].dtype == torch.uint16 and both["image"][S2].shape == (4, 12, 16, 16)
+    assert both["image"][S1].dtype == torch.float32 and both["image"][S1].shape == (4, 2, 16, 16)
+    for t in range(4):
+        assert int(both["image"][S2][t, 0, 5, 5]) == expected_value(S2, 0, t, 0)
+    views = ZarrPatchDataset(store, S2, seasons="augment", num_views=3, output="raw", seed=2)
+    item = views[0]
+    assert len(item["views"]) == 3
+    for v, t in zip(item["views"], item["seasons"].tolist()):
+        assert v.dtype == torch.uint16 and int(v[0, 5, 5]) == expected_value(S2, 0, t, 0)
+    stream = ZarrShardStream(store, (S2, S1), stack=False, seasons=1, output="raw")
+    for item in stream:
+        k = int(item["sample"])
+        assert int(item["image"][S2][3, 5, 5]) == expected_value(S2, k, 1, 3)
+    with pytest.raises(ValueError, match="different dtypes"):
+        ZarrPatchDataset(store, (S2, S1), output="raw")
+    with pytest.raises(ValueError, match="transforms"):
+        ZarrPatchDataset(store, S2, output="raw", transform=RandomHorizontalFlip())
+    with pytest.raises(ValueError, match="output must be"):
+        ZarrPatchDataset(store, S2, output="float16")  # type: ignore[arg-type]
+
+
+NORM_CASES = [
+    dict(seasons=1),
+    dict(seasons="random", seed=4),
+    dict(seasons="all"),
+    dict(seasons="all", min_seasons=3),  # items with 3 or 4 seasons
+    dict(seasons="augment", num_views=3, seed=1),
+    dict(seasons=0, normalize=False),
+    dict(seasons=3, fill_nodata=None),
+    dict(seasons=2, fill_nodata=-7.5, normalize={S2: {"mean": [900.0] * 12, "std": [3.0] * 12},
+                                                 S1: {"mean": [-1.0, 2.0], "std": [0.7, 9.0]}}),
+]
+
+
+def _equal(a: object, b: object) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kw", NORM_CASES, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_store_normalize_equals_float32_path(store: Path, kw: dict) -> None:
+    raw = ZarrPatchDataset(store, (S2, S1), stack=False, output="raw", **kw)
+    flt = ZarrPatchDataset(store, (S2, S1), **kw)
+    per_mod = ZarrPatchDataset(store, (S2, S1), stack=False, **kw)
+    norm = StoreNormalize.from_store(raw, stack=True)
+    norm_split = StoreNormalize.from_store(raw)  # the dataset's stack=False
+    key = "views" if kw["seasons"] == "augment" else "image"
+    for k in range(len(raw)):
+        item = raw[k]
+        before = {m: t.clone() for m, t in (item[key][0] if key == "views" else item[key]).items()}
+        _equal(norm(item)[key], flt[k][key])
+        _equal(norm_split(item)[key], per_mod[k][key])
+        after = item[key][0] if key == "views" else item[key]
+        _equal(after, before)  # the input is left as it was
+    # from a URL with the same options: the same module
+    url_norm = StoreNormalize.from_store(
+        store, (S2, S1), normalize=kw.get("normalize", True),
+        fill_nodata=kw.get("fill_nodata", 0.0),
+    )
+    _equal(url_norm(raw[0])[key], flt[0][key])
+    # collated batches, and a stacked single-modality tensor
+    size = 1 if "min_seasons" in kw else 5  # items with different numbers of seasons
+    loader = torch.utils.data.DataLoader(raw, batch_size=size)
+    ref = torch.utils.data.DataLoader(flt, batch_size=size)
+    for a, b in zip(loader, ref):
+        _equal(norm(a)[key], b[key])
+    s2_raw = ZarrPatchDataset(store, S2, output="raw", **kw)
+    s2_flt = ZarrPatchDataset(store, S2, **kw)
+    s2_norm = StoreNormalize.from_store(s2_raw)
+    x = s2_raw[2][key]
+    assert isinstance(x, (torch.Tensor, list))
+    _equal(s2_norm(x), s2_flt[2][key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_store_normalize_on_gpu(store: Path) -> None:
+    raw = ZarrShardStream(store, (S2, S1), stack=False, output="raw", seasons="augment",
+                          batch_size=4, seed=3)
+    flt = ZarrShardStream(store, (S2, S1), seasons="augment", batch_size=4, seed=3)
+    norm = StoreNormalize.from_store(raw, stack=True)  # left on the CPU: stats follow the batch
+    for a, b in zip(raw, flt):
+        views = [{m: t.cuda() for m, t in v.items()} for v in a["views"]]
+        out = norm(views)
+        assert all(v.device.type == "cuda" for v in out)
+        _equal([v.cpu() for v in out], b["views"])
+
+
+def test_store_normalize_checks_its_input(store: Path) -> None:
+    norm = StoreNormalize.from_store(store, (S2, S1))
+    assert norm.mean.shape == (14,) and norm.inv_std.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\[\.\.\., 14, H, W\]"):
+        norm(torch.zeros(12, 4, 4, dtype=torch.uint16))
+    with pytest.raises(ValueError, match="missing"):
+        norm({S2: torch.zeros(12, 4, 4, dtype=torch.uint16)})
+    with pytest.raises(ValueError, match="keys"):
+        norm({"S2L1C": torch.zeros(12, 4, 4)})
+    out = norm({S2: torch.zeros(2, 12, 4, 4, dtype=torch.uint16),
+                S1: torch.full((2, 2, 4, 4), float("nan"))})
+    assert out.shape == (2, 14, 4, 4) and torch.all(out == 0.0)  # all nodata -> fill 0.0
+
+
+# ---------------------------------------------------------------------- batched stream
+def _batch_samples(batches: list[dict]) -> list[list[str]]:
+    return [b["sample"] for b in batches]
+
+
+def test_batched_stream_exactly_once_and_deterministic(store: Path) -> None:
+    kw = dict(modalities=(S2, S1), stack=False, output="raw", seasons="random", seed=1)
+    ds = ZarrShardStream(store, **kw, batch_size=3, buffer_size=5)
+    first = list(ds)
+    assert len(first) == len(ds) == -(-(N - 2) // 3)
+    assert [len(b["sample"]) for b in first] == [3] * (len(first) - 1) + [len(first[-1]["sample"])]
+    served = [s for b in first for s in b["sample"]]
+    assert sorted(served) == ds.sample_ids and len(set(served)) == len(served)
+    for b in first:
+        assert b["index"].tolist() == sorted(b["index"].tolist())  # store order in a batch
+        assert [layout.sample_id(i) for i in b["index"].tolist()] == b["sample"]
+        assert b["image"][S2].dtype == torch.uint16 and b["image"][S2].shape[1:] == (12, 16, 16)
+        assert b["seasons"].shape == (len(b["sample"]), 1)
+        assert b["lat"].dtype == torch.float64 and b["bands"] == ds.band_names
+    assert _batch_samples(first) == [[layout.sample_id(i) for i in rows]
+                                     for rows in ds.batch_plan(0)]
+    second = list(ds)  # the next epoch
+    assert sorted(s for b in second for s in b["sample"]) == ds.sample_ids
+    assert _batch_samples(second) != _batch_samples(first)
+    ds.set_epoch(0)
+    again = list(ds)
+    assert _batch_samples(again) == _batch_samples(first)
+    for a, b in zip(again, first):
+        assert torch.equal(a["image"][S2], b["image"][S2])
+        assert torch.equal(a["seasons"], b["seasons"])
+    # a window of many shards mixes them into one batch; no shuffle: store order
+    mixed = ZarrShardStream(store, **kw, batch_size=4, buffer_size=100)
+    assert any(len({i // 4 for i in b["index"].tolist()}) > 2 for b in mixed)
+    ordered = ZarrShardStream(store, **kw, batch_size=4, shuffle=False)
+    assert [s for b in ordered for s in b["sample"]] == ordered.sample_ids
+    # two ranks: every sample once, len() in batches
+    ranks = [ZarrShardStream(store, **kw, batch_size=3, rank=r, world_size=2) for r in range(2)]
+    got = [s for r in ranks for b in r for s in b["sample"]]
+    assert sorted(got) == ds.sample_ids and len(got) == len(set(got))
+    assert [len(r) for r in ranks] == [-(-n // 3) for n in ranks[0].rank_lengths()]
+
+
+def _pick(x: object, j: int) -> object:
+    """Sample ``j`` of a batched tensor or ``{modality: tensor}``."""
+    if isinstance(x, dict):
+        return {m: t[j] for m, t in x.items()}
+    return x[j]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("seasons", [1, "random", "all", "augment"])
+@pytest.mark.parametrize("output", ["raw", "float32"])
+def test_batched_stream_items_match_per_sample(store: Path, seasons: object, output: str) -> None:
+    kw = dict(modalities=(S2, S1), stack=output == "float32", seasons=seasons, seed=5,
+              output=output)
+    mapped = ZarrPatchDataset(store, **kw)
+    by_id = {sid: k for k, sid in enumerate(mapped.sample_ids)}
+    batched = ZarrShardStream(store, **kw, batch_size=4)
+    through_zarr = ZarrShardStream(store, **kw, batch_size=4)
+    through_zarr._direct_reads = False  # zarr reads (runs of rows) instead of the shard reader
+    key = "views" if seasons == "augment" else "image"
+    seen = 0
+    for batch, other in zip(batched, through_zarr, strict=True):
+        _equal(batch[key], other[key])
+        for j, sid in enumerate(batch["sample"]):
+            ref = mapped[by_id[sid]]
+            assert batch["seasons"][j].tolist() == ref["seasons"].tolist()
+            assert batch["time"][S1][j].tolist() == ref["time"][S1].tolist()
+            assert float(batch["lat"][j]) == ref["lat"] and int(batch["index"][j]) == ref["index"]
+            got = ([_pick(v, j) for v in batch[key]] if key == "views"
+                   else _pick(batch[key], j))
+            _equal(got, ref[key])
+            seen += 1
+    assert seen == len(mapped)
+
+
+def test_batched_stream_options_are_checked(store: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size must be"):
+        ZarrShardStream(store, S2, batch_size=0)
+    with pytest.raises(ValueError, match="per-sample transforms"):
+        ZarrShardStream(store, S2, batch_size=4, transform=RandomHorizontalFlip())
+    with pytest.raises(ValueError, match="fewer than 4 seasons"):
+        ZarrShardStream(store, S2, seasons="all", min_seasons=3, batch_size=4)
+    with pytest.raises(ValueError, match="needs a stream made with batch_size"):
+        ZarrShardStream(store, S2).batch_plan()
+
+
+def test_shard_reader_matches_zarr(store: Path, tmp_path: Path) -> None:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    arrays = [zarr.open_array(str(store / m / "bands"), mode="r") for m in (S2, S1)]  # zstd
+    data = np.random.default_rng(0).integers(1, 3000, (6, 4, 3, 8, 8)).astype(np.uint16)
+    data[2, 1] = 0  # an all-fill chunk: not written, read as the fill value
+    blosc = zarr.create_array(
+        str(tmp_path / "blosc.zarr"), shape=data.shape, dtype="uint16", chunks=(1, 1, 3, 8, 8),
+        shards=(4, 4, 3, 8, 8), fill_value=0,
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+    )
+    blosc[...] = data
+    for arr in [*arrays, blosc]:
+        reader = _ShardReader.of(arr)
+        assert reader is not None
+        items = [(i, t, np.empty(arr.shape[2:], arr.dtype))
+                 for i in range(arr.shape[0]) for t in range(arr.shape[1])]
+        assert reader.read(items) == []
+        for i, t, out in items:
+            np.testing.assert_array_equal(out, arr[i, t])
+    assert reader._shard_index((0, 0))[1][2, 1].tolist() == [2**64 - 1] * 2
+    other = zarr.create_array(str(tmp_path / "split.zarr"), shape=(4, 4, 3, 8, 8),
+                              dtype="uint16", chunks=(1, 1, 1, 8, 8), shards=(4, 4, 3, 8, 8))
+    assert _ShardReader.of(other) is None  # not the pipeline's layout: zarr reads it
+    assert _ShardReader.of(zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 4, 3, 8, 8),
+                                             dtype="uint16", chunks=(1, 1, 3, 8, 8))) is None
+
+
+def test_batched_stream_names_corrupt_samples(tmp_path: Path) -> None:
+    path = write_store(tmp_path / "bad.zarr", 8, (S2,), size=8, shard_samples=4)
+    f = shard_file(path, S2, 1)  # samples 4..7
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, np.uint8).tobytes())
+    for direct in (True, False):
+        ds = ZarrShardStream(path, S2, shuffle=False, batch_size=3, output="raw")
+        ds._direct_reads = direct
+        batches = iter(ds)
+        assert next(batches)["sample"] == ["0000000", "0000001", "0000002"]
+        with pytest.raises(CorruptSampleError, match="0000004, 0000005") as info:
+            list(batches)
+        assert "S2L2A" in str(info.value) and "bad.zarr" in str(info.value)
+
+
+def test_batched_stream_through_fsspec_url(store: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in store.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/batchtest/cube.zarr/{f.relative_to(store).as_posix()}", f.read_bytes())
+    try:
+        kw = dict(modalities=(S2, S1), stack=False, output="raw", seasons="augment", seed=2,
+                  batch_size=4)
+        remote = ZarrShardStream("memory://batchtest/cube.zarr", **kw)
+        local = ZarrShardStream(store, **kw)
+        pairs = list(zip(remote, local, strict=True))
+        assert remote._reader(S2) is not None  # the shard reader, through the fsspec store
+        for a, b in pairs:
+            assert a["sample"] == b["sample"]
+            _equal(a["views"], b["views"])
+    finally:
+        fs.rm("/batchtest", recursive=True)

@@ -79,3 +79,41 @@ def test_stream_two_ranks_three_workers_two_epochs(store: Path) -> None:
         assert sorted(seen) == _servable()
         assert set(seen.values()) == {1}
     assert epochs[0] != epochs[1]  # reshuffled
+
+
+def test_batched_stream_two_ranks_three_workers_two_epochs(store: Path) -> None:
+    """Ready batches (DataLoader(batch_size=None)) from 3 workers: every sample once per epoch
+    over both ranks, and the batches, order and values of one process iterating alone."""
+    import torch
+
+    kw = dict(modalities=(S2, S1), stack=False, seasons="augment", output="raw", seed=7,
+              buffer_size=8, batch_size=3)
+    epochs: list[list[str]] = [[], []]
+    for rank in range(2):
+        ds = ZarrShardStream(store, **kw, rank=rank, world_size=2)
+        loader = DataLoader(
+            ds, batch_size=None, num_workers=3, multiprocessing_context="forkserver",
+            persistent_workers=True,
+        )
+        for epoch in range(2):  # persistent workers move to the next epoch by themselves
+            alone = ZarrShardStream(store, **kw, rank=rank, world_size=2)
+            alone.set_epoch(epoch)
+            n_batches = len(alone)
+            expected = list(alone)
+            got = [batch for batch in loader]  # not list(): it asks len(), of epoch 0
+            assert len(got) == len(expected) == n_batches
+            for batch, ref in zip(got, expected):
+                assert batch["sample"] == ref["sample"]
+                assert torch.equal(batch["seasons"], ref["seasons"])
+                for view, ref_view in zip(batch["views"], ref["views"], strict=True):
+                    assert view[S2].dtype == torch.uint16 and view[S2].shape[1:] == (12, 8, 8)
+                    assert torch.equal(view[S2], ref_view[S2])
+                    torch.testing.assert_close(view[S1], ref_view[S1], rtol=0, atol=0,
+                                               equal_nan=True)  # S1 nodata is NaN
+                epochs[epoch] += batch["sample"]
+        del loader
+    for got in epochs:
+        seen = Counter(got)
+        assert sorted(seen) == _servable()
+        assert set(seen.values()) == {1}
+    assert epochs[0] != epochs[1]  # reshuffled
