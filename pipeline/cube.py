@@ -22,20 +22,37 @@ Conventions (see :mod:`pipeline.layout`):
 Hrefs in the scenes table are unsigned; :func:`location_cubes` signs a *copy* of each item just
 before building the cube, which happens inside the Dask task that reads it (tokens never
 travel through the graph and never expire while waiting in a queue).
+
+Reads are retried at two levels. GDAL retries HTTP 429/5xx and timeouts itself
+(:data:`GDAL_HTTP_ENV`); what it does not retry (a truncated body, an empty reply, a 5xx that
+outlasted its retries) fails the chunk's read, and :class:`RetryingRioReader` reads that chunk
+again, up to :data:`READ_RETRIES` times with backoff (once for a 429/5xx, which GDAL already
+retried), after dropping GDAL's cached state of the file (``/vsicurl/`` remembers a failed file
+as missing for the life of the process). HTTP 4xx are never retried here: 403/401 (an expired
+token) go up to the build, which signs the items again (:func:`is_auth_error`); a 404 is an
+error. Nothing is ever turned into fill.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
+import random
+import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from stackstac.rio_reader import AutoParallelRioReader
 
 from . import layout
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: GDAL settings for COGs over HTTP, layered on stackstac's defaults (open: VSI cache on, read:
 #: off). Retries come from GDAL (stackstac has none); 403 is never retried (expired tokens must
@@ -59,6 +76,123 @@ GDAL_HTTP_ENV: dict[str, Any] = {
 SCL_BAND = "SCL"
 #: cloud_mask value where the cloud state is unknown (no SCL asset, or nodata).
 CLOUD_UNKNOWN = 255
+
+
+#: times one chunk's read is retried after an error GDAL did not retry (see the module notes)
+READ_RETRIES = 4
+#: first backoff (s) between those retries; doubled each time, with jitter
+READ_RETRY_DELAY_S = 0.5
+
+_HTTP_CODE = re.compile(r"(?:HTTP response code|HTTP error code|returned error)\s*:?\s*(\d{3})")
+_NO_FILE = re.compile(r"No such file or directory|does not exist in the file system")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes / contexts (stackstac wraps rasterio's error in a RuntimeError)."""
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in out and len(out) < 20:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status a failed read names (GDAL: ``HTTP response code: 403``), else None."""
+    for e in _chain(exc):
+        m = _HTTP_CODE.search(str(e))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """True when a read was refused for its credentials (HTTP 401/403: e.g. an expired SAS
+    token). Re-signing may cure it; retrying the same URL cannot, and it is never nodata."""
+    return http_status(exc) in (401, 403)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for read errors worth another try: HTTP 408/429/5xx, and I/O errors without an HTTP
+    status (connection reset, truncated body, empty reply, a damaged range). Not: other 4xx,
+    a missing local file, or anything that is not a rasterio/GDAL I/O error."""
+    from rasterio.errors import RasterioIOError
+
+    code = http_status(exc)
+    if code is not None:
+        return code in (408, 429) or code >= 500
+    chain = _chain(exc)
+    if any(_NO_FILE.search(str(e)) for e in chain):
+        return False
+    return any(isinstance(e, RasterioIOError) or type(e).__name__.startswith("CPLE_")
+               for e in chain)
+
+
+@functools.cache
+def _libgdal():  # -> ctypes.CDLL | None
+    """rasterio's GDAL library (for the ``VSICurl*ClearCache`` functions it does not wrap)."""
+    import ctypes
+    import glob
+    import os
+
+    import rasterio
+    import rasterio._base  # noqa: F401 - loads libgdal
+
+    here = os.path.dirname(rasterio.__file__)
+    paths = sorted(glob.glob(os.path.join(here, os.pardir, "rasterio.libs", "libgdal*")))
+    if not paths:  # not a wheel (conda, system GDAL): the libgdal this process has loaded
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({ln.split()[-1] for ln in f if "/libgdal" in ln})
+        except OSError:
+            paths = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+            lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def clear_http_cache(urls: Iterable[str]) -> None:
+    """Drop what GDAL's ``/vsicurl/`` caches about these URLs (and every URL they prefix, e.g.
+    signed versions of an unsigned href): it remembers a file whose open failed as missing,
+    so without this a retry in the same process fails again without a request."""
+    lib = _libgdal()
+    if lib is None:
+        return
+    for url in urls:
+        if "://" in url:
+            lib.VSICurlPartialClearCache(f"/vsicurl/{url}".encode())
+
+
+class RetryingRioReader(AutoParallelRioReader):
+    """stackstac's reader, with a bounded retry of transient errors (:func:`is_transient`).
+
+    Before each retry the reader drops its datasets and GDAL's cached state of the file, so the
+    retry really fetches again. 401/403 are raised at once (see :func:`is_auth_error`).
+    """
+
+    def read(self, window, **kwargs) -> np.ndarray:  # noqa: ANN001
+        from .providers import redact_hrefs
+
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                return super().read(window, **kwargs)
+            except RuntimeError as exc:  # stackstac wraps every open/read error in one
+                # an HTTP 429/5xx was already retried by GDAL (GDAL_HTTP_MAX_RETRY times, with
+                # backoff): one more round after a pause, not READ_RETRIES x GDAL's retries
+                limit = READ_RETRIES if http_status(exc) is None else min(1, READ_RETRIES)
+                if attempt >= limit or not is_transient(exc):
+                    raise
+                log.info("read of %s failed (%s); retry %d of %d", redact_hrefs(self.url),
+                         redact_hrefs(str(exc.__cause__ or exc))[:200], attempt + 1, limit)
+                self.close()
+                clear_http_cache([self.url])
+                time.sleep(READ_RETRY_DELAY_S * 2**attempt * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def gdal_env(overrides: Mapping[str, Any] | None = None):  # -> stackstac.rio_env.LayeredEnv
@@ -209,6 +343,7 @@ def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, chun
         band_coords=False,
         gdal_env=env,
         errors_as_nodata=(),  # a missing asset is an error, never silent fill
+        reader=RetryingRioReader,
     )
     assert da.shape[-2:] == (n, n), f"cube is {da.shape[-2:]}, not {n} x {n}"
     return da
@@ -369,6 +504,7 @@ def linear_to_db(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "GDAL_HTTP_ENV", "Grid", "gdal_env", "get_provider", "location_cubes",
+    "GDAL_HTTP_ENV", "Grid", "RetryingRioReader", "clear_http_cache", "gdal_env",
+    "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
     "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db",
 ]

@@ -16,6 +16,7 @@ kind       what the client sees
 ========== ==================================================================================
 
 Faults are drawn from a seeded generator, so a run is repeatable for a given request order.
+``latency_s`` delays every request (a slow storage account, to make a run outlive its tokens).
 Optionally the proxy also plays a signing service's storage account: with ``token_ttl_s`` set,
 every request must carry ``?se=<unix expiry>&sig=...`` issued by :meth:`FaultProxy.sign`, and an
 expired or missing token gets ``403 AuthenticationFailed``, as Azure Blob Storage answers a stale
@@ -26,6 +27,14 @@ Counters (faults by kind, requests, 403s) are served as JSON at ``/__faults__`` 
 
     with FaultProxy(upstream="http://127.0.0.1:8001", rate=0.2, seed=1) as proxy:
         url = proxy.url + "/assets/..."
+
+Tokens in other processes (e.g. the Dask workers of a build): :meth:`FaultProxy.env` gives the
+environment variables (:data:`SECRET_ENV`, :data:`TTL_ENV`) with which :func:`sign_from_env`
+mints tokens this proxy accepts; set them before the workers start and build with
+``signer="pipeline.faults:sign_from_env"``. Like planetary-computer's SAS token cache,
+:func:`sign_from_env` reuses a token until it is about to expire (:data:`MARGIN_ENV`, default 0 s:
+until it has expired), so a long run meets expired tokens; ``sign_from_env.cache_clear()`` drops
+it.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import random
 import socket
 import struct
@@ -45,6 +55,65 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULT_KINDS = ("500", "503", "429", "timeout", "reset", "truncate")
+
+#: environment variables read by :func:`sign_from_env` (see :meth:`FaultProxy.env`)
+SECRET_ENV = "SSL4EO_FAULTS_SECRET"
+TTL_ENV = "SSL4EO_FAULTS_TOKEN_TTL_S"
+MARGIN_ENV = "SSL4EO_FAULTS_TOKEN_MARGIN_S"
+
+
+def _token_sig(secret: bytes, expiry: int) -> str:
+    return hmac.new(secret, str(expiry).encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _with_token(href: str, expiry: int, sig: str) -> str:
+    parts = urllib.parse.urlsplit(href)
+    query = [
+        (k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if k not in ("se", "sig")
+    ]
+    query += [("se", str(expiry)), ("sig", sig)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+_token_cache: dict[tuple[bytes, float], int] = {}
+_token_lock = threading.Lock()
+
+
+def sign_from_env(href: str) -> str:
+    """Sign ``href`` as :meth:`FaultProxy.sign` does, with the secret and token lifetime taken
+    from the environment (:data:`SECRET_ENV` hex, :data:`TTL_ENV` seconds), for processes that
+    have no proxy object (the Dask workers of a build: ``--signer
+    pipeline.faults:sign_from_env``). The token is cached and reused until less than
+    :data:`MARGIN_ENV` seconds (default 0) of it remain, as planetary-computer does with SAS
+    tokens (a negative margin keeps handing it out after it expired: a cache that believes a
+    refused token valid); :func:`clear_token_cache` (also ``sign_from_env.cache_clear``) drops
+    it."""
+    try:
+        secret = bytes.fromhex(os.environ[SECRET_ENV])
+        ttl = float(os.environ[TTL_ENV])
+    except (KeyError, ValueError) as exc:
+        raise RuntimeError(
+            f"sign_from_env needs {SECRET_ENV} (hex) and {TTL_ENV} (seconds) in the environment; "
+            "set them from FaultProxy.env() before the workers start"
+        ) from exc
+    margin = float(os.environ.get(MARGIN_ENV, "0"))
+    now = time.time()
+    with _token_lock:
+        expiry = _token_cache.get((secret, ttl))
+        if expiry is None or expiry - now <= margin:
+            expiry = int(now + ttl)
+            _token_cache[(secret, ttl)] = expiry
+    return _with_token(href, expiry, _token_sig(secret, expiry))
+
+
+def clear_token_cache() -> None:
+    """Forget the tokens :func:`sign_from_env` cached (the next call mints a fresh one)."""
+    with _token_lock:
+        _token_cache.clear()
+
+
+sign_from_env.cache_clear = clear_token_cache  # type: ignore[attr-defined]
 
 _HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -104,6 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
         proxy._count("requests")
+        if proxy.latency_s:
+            time.sleep(proxy.latency_s)
         if proxy.token_ttl_s is not None and not proxy._token_ok(parsed):
             proxy._count("403")
             self._send_text(403, "AuthenticationFailed: Signature not valid in the specified time frame")
@@ -158,10 +229,12 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
         self.send_response(resp.status, resp.reason)
         for key, value in resp.getheaders():
-            if key.lower() in _HOP_HEADERS or key.lower() == "content-length":
+            if key.lower() in _HOP_HEADERS or key.lower() in ("content-length", "server", "date"):
                 continue
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        # a HEAD answer has no body: its Content-Length is the upstream's (the file's size)
+        length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length if length is not None else str(len(data)))
         if truncate:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -216,6 +289,8 @@ class FaultProxy:
         timeout_s: float = 5.0,
         path_prefixes: tuple[str, ...] = ("/",),
         token_ttl_s: float | None = None,
+        secret: bytes | str | None = None,
+        latency_s: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -229,7 +304,10 @@ class FaultProxy:
             timeout_s=timeout_s, path_prefixes=path_prefixes,
         )
         self.token_ttl_s = token_ttl_s
-        self._secret = random.Random(seed).randbytes(16)
+        self.latency_s = float(latency_s)
+        if isinstance(secret, str):
+            secret = bytes.fromhex(secret)
+        self._secret = secret if secret is not None else random.Random(seed).randbytes(16)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -290,14 +368,15 @@ class FaultProxy:
         if self.token_ttl_s is None:
             return href
         expiry = int((time.time() if now is None else now) + self.token_ttl_s)
-        sig = hmac.new(self._secret, str(expiry).encode(), hashlib.sha256).hexdigest()[:16]
-        parts = urllib.parse.urlsplit(href)
-        query = [
-            (k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-            if k not in ("se", "sig")
-        ]
-        query += [("se", str(expiry)), ("sig", sig)]
-        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        return _with_token(href, expiry, _token_sig(self._secret, expiry))
+
+    def env(self) -> dict[str, str]:
+        """Environment variables with which :func:`sign_from_env` (in another process) mints
+        tokens this proxy accepts. They hold the signing secret: give them only to processes
+        of the test or benchmark."""
+        if self.token_ttl_s is None:
+            raise ValueError("this proxy checks no tokens (token_ttl_s is None)")
+        return {SECRET_ENV: self._secret.hex(), TTL_ENV: str(self.token_ttl_s)}
 
     def _token_ok(self, parsed: urllib.parse.SplitResult) -> bool:
         query = dict(urllib.parse.parse_qsl(parsed.query))
@@ -305,7 +384,7 @@ class FaultProxy:
             expiry = int(query["se"])
         except (KeyError, ValueError):
             return False
-        good = hmac.new(self._secret, str(expiry).encode(), hashlib.sha256).hexdigest()[:16]
+        good = _token_sig(self._secret, expiry)
         return hmac.compare_digest(good, query.get("sig", "")) and expiry > time.time()
 
     # -------------------------------------------------------------------------------- drawing

@@ -11,6 +11,8 @@ API used by the later stages (the cube)::
     p.band_assets("S2L2A")                           # {'B01': 'B01', ..., 'SCL': 'SCL'}
     p.sign(href)                                     # a readable URL (SAS token on PC)
     p.signer()                                       # a picklable callable href -> href
+    p.drop_tokens()                                  # forget cached tokens (after a 403)
+    p.with_signer(load_signer("mypkg.auth:sign"))    # a custom signer (private buckets)
 
 Hrefs in search output are never signed: sign just before reading (PC tokens expire).
 Band names are the SSL4EO-S12 v1.1 names in :data:`pipeline.layout.BANDS`, plus ``SCL`` for S2 L2A
@@ -19,7 +21,10 @@ Band names are the SSL4EO-S12 v1.1 names in :data:`pipeline.layout.BANDS`, plus 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +54,72 @@ def _pc_sign(href: str) -> str:
     import planetary_computer
 
     return planetary_computer.sign(href)
+
+
+def _pc_drop_tokens() -> None:
+    """Forget the SAS tokens planetary-computer caches (``planetary_computer.sas.TOKEN_CACHE``,
+    keyed by token request URL, refreshed only when less than 60 s remain): after a 403 the
+    storage account refused a token the cache still holds (revoked, clock skew, issued
+    pre-expired), so the next ``sign`` must ask the token service again."""
+    try:
+        from planetary_computer import sas
+    except ImportError:
+        return
+    sas.TOKEN_CACHE.clear()
+
+
+#: signers may carry ``cache_clear()`` (as :func:`functools.cache` functions do): it drops their
+#: cached tokens, and :meth:`Provider.drop_tokens` calls it before re-signing after a 403
+_pc_sign.cache_clear = _pc_drop_tokens  # type: ignore[attr-defined]
+
+
+def load_signer(spec: str) -> Callable[[str], str]:
+    """The signing function named by ``spec`` = ``"package.module:function"``.
+
+    For private buckets or token services other than Planetary Computer's: the function takes
+    an href and returns a readable URL (e.g. with a token or a pre-signed query). It is
+    imported where the reads happen (inside each Dask task), so it must be importable on the
+    workers, and it should read its credentials from their environment, never from arguments
+    (nothing secret travels through the task graph or lands in the store). If it caches
+    tokens, give it a ``cache_clear()`` attribute: it is called after an HTTP 403, before the
+    items are signed again.
+    """
+    module, sep, name = str(spec).partition(":")
+    if not sep or not module or not name:
+        raise ConfigError(
+            f"signer {spec!r} is not of the form 'package.module:function' (e.g. "
+            "'mypkg.auth:sign'); give the import path of a function href -> signed href"
+        )
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"signer {spec!r}: cannot import module {module!r} ({exc}); install it where the "
+            "build runs (the Dask workers too) or fix the name"
+        ) from exc
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"signer {spec!r}: module {module!r} has no attribute {name!r}")
+    if not callable(obj):
+        raise ConfigError(f"signer {spec!r} is a {type(obj).__name__}, not a function")
+    return obj  # type: ignore[return-value]
+
+
+#: the query of a URL (where tokens live) inside free text, e.g. an error message; and any other
+#: ``?key=value...`` (GDAL quotes a dataset as ``B04.tif?se=..&sig=..``, without the URL)
+_URL_QUERY = re.compile(r"((?:https?|s3|gs|az|abfss?)://[^\s'\"?#<>]+)\?[^\s'\"<>)]*")
+_QUERY = re.compile(r"\?[\w.~%-]+=[^\s'\"<>),]*")
+
+
+def redact_hrefs(text: str) -> str:
+    """``text`` with the query string of every URL in it replaced by ``<redacted>``.
+
+    Signed hrefs carry their token in the query (``?st=..&se=..&sig=..`` on Azure, ``?X-Amz-
+    Signature=..`` pre-signed S3): messages that may quote one (read errors, logs, the failure
+    reasons stored in the store) go through this first.
+    """
+    return _QUERY.sub("?<redacted>", _URL_QUERY.sub(r"\1?<redacted>", str(text)))
 
 
 @dataclass(frozen=True)
@@ -108,6 +179,17 @@ class Provider:
     def signer(self) -> Callable[[str], str]:
         """A picklable ``href -> href`` callable (ship it to Dask workers)."""
         return self.signer_func
+
+    def drop_tokens(self) -> None:
+        """Forget the signer's cached tokens (its ``cache_clear()``, if any), so that the next
+        :meth:`sign` gets fresh ones: called when a read was refused with HTTP 403."""
+        clear = getattr(self.signer_func, "cache_clear", None)
+        if callable(clear):
+            clear()
+
+    def with_signer(self, signer: Callable[[str], str]) -> Provider:
+        """This profile with another signer (e.g. :func:`load_signer`'s)."""
+        return dataclasses.replace(self, signer_func=signer)
 
     def sign_item(self, item: dict) -> dict:
         """A copy of the item dict with every asset href signed."""

@@ -11,11 +11,24 @@ Clusters: a :class:`distributed.LocalCluster` sized to the machine by default (o
 process per ``threads`` cores); ``scheduler="tcp://HOST:PORT"`` for an existing cluster;
 ``cluster="kubernetes"`` through :func:`pipeline.k8s.make_cluster` (dask-kubernetes).
 
-Reliability: GDAL retries transient HTTP errors; a task that raises is retried by Dask
-(``retries``); a location whose reads still fail is recorded as ``failed`` with its reason, its
-data left as fill. ``status`` is written after the data, so an interrupted run (even SIGKILL)
-leaves unfinished shards ``pending``, and a re-run does exactly those; the result is identical
-to an uninterrupted run (the writes are deterministic).
+Reliability:
+
+* reads: GDAL retries HTTP 429/5xx and timeouts; a chunk whose read still fails for a transient
+  reason (a truncated body, a reset, an empty reply) is read again by
+  :class:`pipeline.cube.RetryingRioReader`; a read refused with HTTP 401/403 (an expired
+  token) makes the task drop the signer's cached tokens, sign the items again and redo that
+  location's modality (``sign_retries`` times). Items are signed per modality, just before its
+  reads.
+* samples: a location whose reads still fail is recorded as ``failed`` with its reason (URLs
+  without their query, so no token is ever logged or stored); nothing of it is written as
+  data (its seasons stay nodata / NaT / ""), and ``retry_failed`` (``--retry-failed``) redoes
+  the failed samples of an earlier run.
+* tasks: a task that raises is retried by Dask (``retries``), also when its worker dies (the
+  nanny restarts the worker process).
+* the job: ``status`` is written after the data, so an interrupted run (even SIGKILL) leaves
+  unfinished shards ``pending``, and a re-run does exactly those; the result is identical to
+  an uninterrupted run (the writes are deterministic, and every chunk file is replaced
+  atomically).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +47,7 @@ import numpy as np
 
 from . import layout
 from .errors import StoreError, UserError
+from .providers import redact_hrefs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,33 @@ class BuildOptions:
     read_threads: int = 8
     shard_samples: int = layout.SHARD_SAMPLES
     env_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: "package.module:function" of a custom href signer (private buckets, other token
+    #: services; see :func:`pipeline.providers.load_signer`), imported inside each task; None:
+    #: the provider's own (a SAS token on Planetary Computer, none elsewhere)
+    signer: str | None = None
+    #: times a location's modality is signed again and re-read after HTTP 401/403
+    sign_retries: int = 2
+
+
+#: GDAL / environment option names whose values are credentials (never recorded)
+_SECRET_OPTION = re.compile(
+    r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|SAS|SIGNATURE|USERPWD|HEADER|AUTH|BEARER", re.I)
+
+
+def _redact(obj: Any) -> Any:
+    """A copy of a JSON-like value fit for the store's provenance: values under credential-like
+    keys (``AWS_SECRET_ACCESS_KEY``, ``GDAL_HTTP_HEADERS``, ``token``...) masked, URLs without
+    user:password@ and secret query values."""
+    from . import storage
+
+    if isinstance(obj, Mapping):
+        return {k: "***" if _SECRET_OPTION.search(str(k)) and v not in (None, "") else _redact(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_redact(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj:
+        return storage.redact(obj)
+    return obj
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -126,7 +168,6 @@ def build_shard(
     options: BuildOptions,
 ) -> dict[str, Any]:
     """Build and write one whole shard; the unit of work of a Dask task."""
-    import dask
     import pandas as pd
 
     from . import cube, store
@@ -142,7 +183,7 @@ def build_shard(
     )
     scenes["sample"] = scenes["sample"].astype(str)
     ok = scenes[scenes["status"] == "ok"]
-    provider = cube.get_provider(options.provider, _first_hrefs(ok))
+    provider = _provider(options, ok)
     arrays = {m: store.empty_shard(m, ids) for m in options.modalities}
     status = np.full(len(ids), layout.STATUS_CODES["complete"], np.uint8)
     failure = [""] * len(ids)
@@ -155,17 +196,9 @@ def build_shard(
             a["crs"][i] = grid.epsg
             a["x_"][i], a["y_"][i] = grid.x_centres(), grid.y_centres()
         try:
-            cubes = cube.location_cubes(
-                loc, ok, modalities=options.modalities, provider=provider,
-                resampling=options.resampling, convention=options.convention,
-                env_overrides=options.env_overrides,
-            )
-            names = list(cubes)
-            # one compute per modality: dask 2026.8 intermittently drops keys ("Missing
-            # dependency") when several xarray datasets are computed in one dask.compute
-            with dask.config.set(scheduler="threads", num_workers=options.read_threads):
-                computed = [cubes[m].compute() for m in names]
-            for m, ds in zip(names, computed, strict=True):
+            computed = {m: ds for m in options.modalities
+                        if (ds := _read_modality(loc, ok, m, options, provider)) is not None}
+            for m, ds in computed.items():
                 n_scenes += _place(arrays[m], i, ds, m)
         except Exception as exc:  # noqa: BLE001 - recorded per sample, never silent
             for m in options.modalities:  # nothing of a failed sample is written as data
@@ -174,12 +207,65 @@ def build_shard(
                     if k not in ("center_lat", "center_lon", "crs", "x_", "y_"):
                         arrays[m][k][i] = v[0]
             status[i] = layout.STATUS_CODES["failed"]
-            failure[i] = f"{type(exc).__name__}: {exc}"[: store.FAILURE_LEN]
+            failure[i] = redact_hrefs(f"{type(exc).__name__}: {exc}")[: store.FAILURE_LEN]
             log.warning("sample %s failed: %s", ids[i], failure[i])
     store.write_shard_arrays(store_path, shard, ids, arrays, status, failure, shard_samples=s)
     return {"shard": shard, "samples": len(ids), "scenes": n_scenes,
             "failed": int((status == layout.STATUS_CODES["failed"]).sum()),
             "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+
+def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provider
+    """The provider profile a task signs with (its custom signer imported here, in the task)."""
+    from . import cube
+    from .providers import load_signer
+
+    provider = cube.get_provider(options.provider, _first_hrefs(ok))
+    if options.signer:
+        provider = provider.with_signer(load_signer(options.signer))
+    return provider
+
+
+def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOptions,  # noqa: ANN001
+                   provider):  # noqa: ANN001 - -> xr.Dataset | None
+    """One location's computed cube of ``modality`` (None: no scene), signed just before its
+    reads. A read refused with HTTP 401/403 (an expired token) drops the signer's cached
+    tokens and GDAL's cached state of the files, signs fresh copies of the items and reads
+    again, ``options.sign_retries`` times; any other error is raised (and recorded)."""
+    import dask
+
+    from . import cube
+
+    for attempt in range(options.sign_retries + 1):
+        cubes = cube.location_cubes(
+            loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
+            convention=options.convention, env_overrides=options.env_overrides,
+        )
+        if modality not in cubes:
+            return None
+        try:
+            # one compute per modality: dask 2026.8 intermittently drops keys ("Missing
+            # dependency") when several xarray datasets are computed in one dask.compute
+            with dask.config.set(scheduler="threads", num_workers=options.read_threads):
+                return cubes[modality].compute()
+        except Exception as exc:
+            if attempt == options.sign_retries or not cube.is_auth_error(exc):
+                raise
+            log.info("sample %s %s: read refused (HTTP %s); signing again (retry %d of %d)",
+                     loc["sample"], modality, cube.http_status(exc), attempt + 1,
+                     options.sign_retries)
+            provider.drop_tokens()
+            cube.clear_http_cache(_hrefs(ok, loc["sample"], modality))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _hrefs(ok, sample: str, modality: str) -> list[str]:  # noqa: ANN001
+    """The unsigned hrefs of a location's scenes of ``modality``."""
+    import json
+
+    rows = ok[(ok["sample"] == sample) & (ok["modality"] == modality)]
+    return [a["href"] for raw in rows["item_json"]
+            for a in json.loads(raw).get("assets", {}).values() if "href" in a]
 
 
 def _first_hrefs(scenes) -> list[str]:  # noqa: ANN001
@@ -273,6 +359,23 @@ def make_client(
     return Client(lc)
 
 
+def _interrupted_template(path: str) -> bool:
+    """True for a store of ours whose template was never finished: :func:`pipeline.store.
+    create_store` consolidates the metadata as its last step, so a root ``zarr.json`` without
+    consolidated metadata means it was stopped midway (e.g. SIGKILL)."""
+    import zarr
+
+    from . import store
+
+    if not (store._exists(path) and store._is_our_store(path)):
+        return False
+    try:
+        root = zarr.open_group(store._target(path), mode="r", zarr_format=3)
+    except Exception:  # noqa: BLE001 - unreadable root: let create_store report it
+        return False
+    return root.metadata.consolidated_metadata is None
+
+
 def plan(n_samples: int, status: np.ndarray | None = None, shard_samples: int = 64,
          retry_failed: bool = False) -> list[int]:
     """Shards still to do: any sample pending (or failed, with ``retry_failed``)."""
@@ -321,13 +424,29 @@ def run_build(
     if not mods:
         raise UserError(f"scenes table {scenes} has no rows; run `ssl4eo search` first")
     options = BuildOptions(**{**asdict(options), "modalities": mods})
+    if options.signer:  # fail here, not in every task, when it cannot be imported
+        from .providers import load_signer
+
+        load_signer(options.signer)
+    if options.sign_retries < 0:
+        raise UserError(f"sign_retries must be >= 0, got {options.sign_retries}")
     for loc in locs.head(1000).to_dict("records"):  # fail fast on a broken grid
         from .cube import Grid
 
         Grid.from_location(loc)
     if overwrite:
         store.remove_store(store_path)
-    prov = store.provenance(config, options.provider, scenes, locations, asdict(options))
+    elif _interrupted_template(store_path):
+        # killed while the template was written: no shard can have been written yet (tasks
+        # start after it), so write it again instead of resuming into missing arrays
+        log.warning("store %s: its template was interrupted before it was complete; "
+                    "writing it again", store_path)
+        store.remove_store(store_path)
+    # provenance: GDAL options may hold credentials (e.g. AWS_SECRET_ACCESS_KEY, in the options
+    # and in the config's build section) and URLs user:password@ or tokens: masked before they
+    # are written into the store
+    prov = store.provenance(_redact(config), options.provider, scenes, locations,
+                            _redact(asdict(options)))
     created = store.create_store(store_path, list(locs["sample"]), mods, provenance=prov,
                                  shard_samples=options.shard_samples)
     root = store.open_root(store_path)
@@ -443,6 +562,11 @@ def _add_build_arguments(p: Any) -> None:
     g.add_argument("--provider", default=None,
                    help="provider profile used to sign hrefs (planetary-computer, earth-search, "
                    "local; default: the config's)")
+    g.add_argument("--signer", default=None, metavar="MODULE:FUNCTION",
+                   help="custom href signer for private buckets or other token services: the "
+                   "import path of a function href -> signed href, imported on the workers "
+                   "(credentials from their environment; a cache_clear() attribute, if any, "
+                   "is called after HTTP 403 before signing again). Default: the provider's")
     g.add_argument("--retries", type=int, default=2,
                    help="Dask retries of a task that raised (default 2)")
     g.add_argument("--retry-failed", action="store_true",
@@ -462,7 +586,8 @@ def _build_settings(args: Any, cfg: Any) -> tuple[BuildOptions, dict[str, Any]]:
                         f"known: {sorted(known | {'retries'})}")
     flags = {"shard_samples": args.shard_samples, "resampling": args.resampling,
              "convention": args.convention, "read_threads": args.read_threads,
-             "provider": args.provider or (cfg.search.provider if cfg is not None else None)}
+             "provider": args.provider or (cfg.search.provider if cfg is not None else None),
+             "signer": args.signer}
     values = {k: v for k, v in sect.items() if k in known}
     values.update({k: v for k, v in flags.items() if v is not None})
     if "modalities" in values:

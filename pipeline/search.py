@@ -79,11 +79,14 @@ def make_client(url: str, cfg: Config, counter: RequestCounter | None = None):  
         status=s.max_retries, backoff_factor=s.backoff_s, status_forcelist=RETRY_STATUS,
         allowed_methods=None, respect_retry_after_header=True, raise_on_status=False,
     )
-    io = StacApiIO(timeout=(s.connect_timeout_s, s.timeout_s), max_retries=retry)
+    timeout = (s.connect_timeout_s, s.timeout_s)
+    io = StacApiIO(timeout=timeout, max_retries=retry)
     if counter is not None:
         io.session.hooks["response"].append(counter.hook)
     try:
-        return Client.open(url, stac_io=io)
+        # timeout given again: Client.open calls stac_io.update(timeout=...), which would
+        # otherwise reset it to None (no read timeout: a stalled API would hang the search)
+        return Client.open(url, stac_io=io, timeout=timeout)
     except Exception as exc:
         raise SearchError(
             f"cannot open the STAC API at {url!r}: {exc}. Check the URL (search.stac_url / "
