@@ -180,7 +180,7 @@ class RetryingRioReader(AutoParallelRioReader):
 
         for attempt in range(READ_RETRIES + 1):
             try:
-                return super().read(window, **kwargs)
+                return self._read_once(window)
             except RuntimeError as exc:  # stackstac wraps every open/read error in one
                 # an HTTP 429/5xx was already retried by GDAL (GDAL_HTTP_MAX_RETRY times, with
                 # backoff): one more round after a pause, not READ_RETRIES x GDAL's retries
@@ -193,6 +193,25 @@ class RetryingRioReader(AutoParallelRioReader):
                 clear_http_cache([self.url])
                 time.sleep(READ_RETRY_DELAY_S * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_once(self, window) -> np.ndarray:  # noqa: ANN001
+        """One read of the window, unmasked.
+
+        stackstac reads ``masked=True``, which makes GDAL warp the mask band as well: twice the
+        work per chunk (measured: 24 s vs 14 s of CPU for the 191 demo patches; direct rasterio
+        reads 12 s). Unmasked reads give the same pixels: outside the scene footprint the
+        warped VRT writes the file's nodata (S2 0 = our fill; S1 -32768, which :func:`s1_cube`
+        turns into NaN) or 0 where the file has none (SCL 0 = no data). Scale/offset are never
+        applied (the cubes use ``rescale=False``).
+        """
+        reader = self.dataset
+        try:
+            result = reader.read(window=window, indexes=1, out_dtype=self.dtype, masked=False)
+        except Exception as exc:
+            raise RuntimeError(f"Error reading {window} from {self.url!r}: {exc!r}") from exc
+        if result.ndim == 3:  # a NodataReader's (or a one-band dataset's) 3-D answer
+            result = result[0]
+        return result
 
 
 def gdal_env(overrides: Mapping[str, Any] | None = None):  # -> stackstac.rio_env.LayeredEnv

@@ -407,9 +407,21 @@ def _read_vector(path: str, what: str):  # -> GeoDataFrame
         raise
     except Exception as exc:
         raise UserError(f"cannot read {what} file {path!r}: {exc}") from exc
-    if gdf.crs is None:
+    assumed = gdf.crs is None
+    if assumed:
         gdf = gdf.set_crs("EPSG:4326")
-    return gdf.to_crs("EPSG:4326")
+    gdf = gdf.to_crs("EPSG:4326")
+    if len(gdf):
+        x0, y0, x1, y1 = gdf.total_bounds
+        if not (-180 <= x0 <= x1 <= 180 and -90 <= y0 <= y1 <= 90):
+            raise UserError(
+                f"{what} file {path!r} has coordinates outside longitude/latitude range "
+                f"(bounds {[round(float(v), 3) for v in (x0, y0, x1, y1)]})"
+                + ("; it names no CRS, so EPSG:4326 was assumed: write the file with its CRS "
+                   "(e.g. a GeoJSON in lon/lat, or a GeoPackage/GeoParquet that records it)"
+                   if assumed else "")
+            )
+    return gdf
 
 
 def locations_from_points(

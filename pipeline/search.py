@@ -345,7 +345,8 @@ class SceneSearch:
                     scenes.append(sc)
         stats.items_seen += len(scenes)
         rows = choose_for_locations(scenes, modality, locs, footprints, windows, self.cfg,
-                                    self.provider, n_skipped=len(stats.skipped))
+                                    self.provider, n_skipped=len(stats.skipped),
+                                    cloud_filtered_by_api=self.provider.supports_query)
         return rows, stats
 
     # ------------------------------------------------------------------------------ all
@@ -407,7 +408,8 @@ class SceneSearch:
 
 def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
                          footprints: np.ndarray, windows: np.ndarray, cfg: Config,
-                         provider: Provider, n_skipped: int = 0) -> list[dict]:
+                         provider: Provider, n_skipped: int = 0,
+                         cloud_filtered_by_api: bool = False) -> list[dict]:
     """Pick a scene per (location, season) among ``scenes``; one row each."""
     import shapely
 
@@ -445,7 +447,12 @@ def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
             else:
                 n_touch = int((in_w & touches[:, j]).sum()) if k else 0
                 n_cover = int((in_w & covers[:, j]).sum()) if k else 0
-                if n_touch == 0:
+                if n_touch == 0 and modality != S1RTC and cloud_filtered_by_api:
+                    # the API filtered on cloud cover: cloudy scenes never came back
+                    reason = (f"no scene with {provider.cloud_property} < "
+                              f"{cfg.seasons.max_cloud_cover:g} in the window intersects the "
+                              "patch")
+                elif n_touch == 0:
                     reason = "no scene in the window intersects the patch"
                 elif n_cover == 0:
                     reason = (f"{n_touch} scene(s) in the window intersect the patch but none "
