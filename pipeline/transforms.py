@@ -14,7 +14,10 @@ float32, rounded and clipped back), and follow SSL4EO-S12's pretraining recipe::
 
 (:func:`ssl4eo_moco_augmentation` builds it). Brightness and contrast act per image on
 normalised data: brightness multiplies by a factor in ``[1 - b, 1 + b]``, contrast scales each
-band about its own mean, as the SSL4EO-S12 scripts do.
+band about its own mean, as the SSL4EO-S12 scripts do. :class:`RandomBrightnessContrast` is the
+ColorJitter-like variant the training recipes (:mod:`pipeline.train.augment`) use on
+normalised data: an additive brightness shift (in units of the band std) and a contrast scale
+about the image mean, applied in random order.
 
 Every transform takes an optional ``generator`` (a :class:`torch.Generator`) at call time, so
 that an item's augmentation can be reproduced; without one, torch's global generator is used.
@@ -36,6 +39,7 @@ __all__ = [
     "Normalize",
     "RandomApply",
     "RandomBrightness",
+    "RandomBrightnessContrast",
     "RandomContrast",
     "RandomHorizontalFlip",
     "RandomResizedCrop",
@@ -264,6 +268,33 @@ class RandomContrast(Transform):
         return _restore((xf - mean) * s + mean, x.dtype)
 
 
+class RandomBrightnessContrast(Transform):
+    """ColorJitter-like brightness and contrast for normalised data, in random order.
+
+    Brightness adds a shift drawn from ``[-b, b]`` (units of the band std once normalised);
+    contrast scales the image about its mean over all bands and pixels by a factor from
+    ``[1 - c, 1 + c]``. Wrap it in :class:`RandomApply` for SSL4EO-S12's ``p = 0.8``.
+    """
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4) -> None:
+        if brightness < 0 or contrast < 0:
+            raise ValueError(f"brightness and contrast must be >= 0, not {brightness}, {contrast}")
+        self.brightness = brightness
+        self.contrast = contrast
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        shift = _uniform(-self.brightness, self.brightness, generator)
+        factor = _uniform(1 - self.contrast, 1 + self.contrast, generator)
+        brightness_first = float(torch.rand((), generator=generator)) < 0.5
+        y = _as_float(x)
+        if brightness_first:
+            y = y + shift
+        y = (y - y.mean()) * factor + y.mean()
+        if not brightness_first:
+            y = y + shift
+        return _restore(y, x.dtype)
+
+
 class ToGray(Transform):
     """Grey image for multispectral input: the mean over bands, replicated to every band."""
 
@@ -295,13 +326,13 @@ class GaussianBlur(Transform):
         half = min(k // 2, h - 1, w - 1)
         if half < 1:
             return x
-        t = torch.arange(-half, half + 1, dtype=torch.float32)
-        kern = torch.exp(-0.5 * (t / sigma) ** 2)
-        kern = kern / kern.sum()
         xf = _as_float(x)[:, None]  # (C, 1, H, W): one image per band
+        t = torch.arange(-half, half + 1, dtype=xf.dtype)
+        kern = torch.exp(-(t**2) / (2 * sigma * sigma))
+        kern = kern / kern.sum()
         xf = F.pad(xf, (half, half, half, half), mode="reflect")
-        xf = F.conv2d(xf, kern.to(xf.dtype).view(1, 1, 1, -1))
-        xf = F.conv2d(xf, kern.to(xf.dtype).view(1, 1, -1, 1))
+        xf = F.conv2d(xf, kern.view(1, 1, 1, -1))
+        xf = F.conv2d(xf, kern.view(1, 1, -1, 1))
         return _restore(xf[:, 0], x.dtype)
 
 

@@ -20,11 +20,13 @@ import torch
 from store_fixtures import store_stats, write_store
 
 from pipeline import layout
+from pipeline import transforms as T
 from pipeline.cli import main as cli_main
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from pipeline.train.augment import MultiCrop, recipe, split_views  # noqa: E402
 from pipeline.train.cli import small_config  # noqa: E402
 from pipeline.train.engine import (  # noqa: E402
     CHECKPOINT,
@@ -322,6 +324,38 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(item))
     return out
+
+
+@pytest.mark.parametrize("method", ["moco", "dino", "mae", "data2vec"])
+def test_recipes_are_built_from_pipeline_transforms(method: str) -> None:
+    views = recipe(method, 32, n_local=3)
+    assert len(views) == {"moco": 2, "dino": 3}.get(method, 1)
+    for v in views:
+        assert isinstance(v, (T.Compose, MultiCrop)) and v.accepts_generator
+    x = torch.randn(13, 40, 40, dtype=torch.float64)
+    out = [v(x, generator=torch.Generator().manual_seed(7)) for v in views]
+    again = [v(x, generator=torch.Generator().manual_seed(7)) for v in views]
+    assert all(torch.equal(a, b) for a, b in zip(out, again))  # a function of the generator
+    assert all(o.dtype == torch.float64 and o.shape[-3:-2] == (13,) for o in out)
+    if method == "dino":  # two global crops, three stacked local crops of 16 px (96/224 * 32)
+        assert out[2].shape == (3, 13, 16, 16)
+        flat = split_views([o[None] for o in out])
+        assert [tuple(o.shape[-2:]) for o in flat] == [(32, 32)] * 2 + [(16, 16)] * 3
+    else:
+        assert all(o.shape == (13, 32, 32) for o in out)
+
+
+def test_brightness_contrast_keeps_bands_and_dtype() -> None:
+    t = T.RandomBrightnessContrast(0.4, 0.4)
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).view(2, 6, 6)
+    y = t(x, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    centred = y - y.mean()  # an affine map of the whole image: band differences scale alike
+    ratio = centred / (x - x.mean())
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)
+    assert t(x.to(torch.int16), generator=torch.Generator().manual_seed(0)).dtype == torch.int16
+    with pytest.raises(ValueError):
+        T.RandomBrightnessContrast(-0.1)
 
 
 def test_stratified_folds_and_band_selection() -> None:
