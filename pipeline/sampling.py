@@ -407,21 +407,9 @@ def _read_vector(path: str, what: str):  # -> GeoDataFrame
         raise
     except Exception as exc:
         raise UserError(f"cannot read {what} file {path!r}: {exc}") from exc
-    assumed = gdf.crs is None
-    if assumed:
+    if gdf.crs is None:
         gdf = gdf.set_crs("EPSG:4326")
-    gdf = gdf.to_crs("EPSG:4326")
-    if len(gdf):
-        x0, y0, x1, y1 = gdf.total_bounds
-        if not (-180 <= x0 <= x1 <= 180 and -90 <= y0 <= y1 <= 90):
-            raise UserError(
-                f"{what} file {path!r} has coordinates outside longitude/latitude range "
-                f"(bounds {[round(float(v), 3) for v in (x0, y0, x1, y1)]})"
-                + ("; it names no CRS, so EPSG:4326 was assumed: write the file with its CRS "
-                   "(e.g. a GeoJSON in lon/lat, or a GeoPackage/GeoParquet that records it)"
-                   if assumed else "")
-            )
-    return gdf
+    return gdf.to_crs("EPSG:4326")
 
 
 def locations_from_points(
@@ -504,8 +492,14 @@ def sample_aoi(path: str, cfg: SamplingConfig, progress: bool = True):  # -> Geo
             f"AOI file {path!r} holds no polygon with area (found "
             f"{sorted(set(gdf.geometry.geom_type)) or 'nothing'}); give a Polygon/MultiPolygon"
         )
-    shapely.prepare(aoi)
     x0, y0, x1, y1 = aoi.bounds
+    if not (-180 <= x0 <= x1 <= 180 and -90 <= y0 <= y1 <= 90):
+        raise UserError(
+            f"AOI file {path!r} has coordinates outside longitude/latitude range (bounds "
+            f"{[round(float(v), 3) for v in (x0, y0, x1, y1)]}); a file that names no CRS is "
+            "read as EPSG:4326 lon/lat: write it with its CRS (or in lon/lat)"
+        )
+    shapely.prepare(aoi)
     s0, s1 = np.sin(np.radians(y0)), np.sin(np.radians(y1))
     rng = np.random.default_rng(cfg.seed)
     name = f"aoi:{Path(path).name}"
