@@ -303,7 +303,18 @@ def create_store(
     import xarray as xr
     import zarr
 
+    from . import storage
+
     samples_arr = np.asarray([str(s) for s in samples])
+    fs, marker = _creating_marker(path)
+    if fs.exists(marker):
+        # an earlier create_store was killed midway (the marker is removed only once the
+        # template is complete): what is at ``path`` is that half-written template, and no
+        # shard can have been written into it yet, so it is removed and written again
+        if _exists(path):
+            rfs, rpath = storage.filesystem(path)
+            rfs.rm(rpath, recursive=True)
+        fs.rm_file(marker)
     if _exists(path):
         if not _is_our_store(path):
             raise StoreError(
@@ -321,6 +332,7 @@ def create_store(
             )
         return False
     check_writable(path)
+    fs.pipe_file(marker, b"ssl4eo store template being written; removed when it is complete\n")
     n = len(samples_arr)
     s = int(shard_samples)
     import dask.array as da
@@ -348,7 +360,18 @@ def create_store(
         ds.to_zarr(target, group=m, mode="w", zarr_format=3, compute=False,
                    consolidated=False, encoding=_encoding(m, ds, s))
     zarr.consolidate_metadata(target, zarr_format=3)
+    fs.rm_file(marker)
     return True
+
+
+def _creating_marker(path: str | Path):  # -> (fsspec filesystem, marker path)
+    """The file beside the store that says "template being written" (``cube.zarr`` ->
+    ``cube.zarr.ssl4eo-creating``): outside the store, so that writing the root group (which
+    clears the store) cannot remove it."""
+    from . import storage
+
+    fs, p = storage.filesystem(path)
+    return fs, p.rstrip("/") + ".ssl4eo-creating"
 
 
 def conventions() -> dict[str, Any]:

@@ -206,3 +206,22 @@ def test_store_path_not_writable(demo_tables: dict, tmp_path: Path, capsys) -> N
 def test_stats_of_a_missing_store(tmp_path: Path, capsys) -> None:
     rc, err = _run(["stats", "--store", str(tmp_path / "none.zarr")], capsys)
     assert rc == 2 and "does not exist" in err
+
+
+def test_half_written_template_is_written_again(tmp_path: Path) -> None:
+    """A kill while the template is written leaves a folder that is not yet recognisably ours;
+    the marker beside it says whose it is, so the next run writes the template again."""
+    from pipeline import store
+    from pipeline.errors import StoreError
+
+    path = tmp_path / "cube.zarr"
+    (path / "S2L2A").mkdir(parents=True)
+    (path / "S2L2A" / "zarr.json").write_text("{}")
+    with pytest.raises(StoreError, match="not an ssl4eo store"):  # no marker: never touched
+        store.create_store(path, ["0000000", "0000001"], ["S2L2A"], provenance={},
+                           shard_samples=2)
+    (tmp_path / "cube.zarr.ssl4eo-creating").write_text("x")
+    assert store.create_store(path, ["0000000", "0000001"], ["S2L2A"], provenance={},
+                              shard_samples=2)
+    assert not (tmp_path / "cube.zarr.ssl4eo-creating").exists()
+    assert read_status(path).tolist() == [PENDING, PENDING]
