@@ -38,33 +38,17 @@ S2_KEYS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
            "SCL")
 
 
-def _collection(cid: str) -> dict:
-    return {
-        "type": "Collection", "id": cid, "stac_version": "1.0.0", "description": cid,
-        "license": "proprietary", "links": [],
-        "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
-                   "temporal": {"interval": [["2021-01-01T00:00:00Z", None]]}},
-    }
-
-
-def _item(cid: str, iid: str, when: dt.datetime, geom, props: dict, keys) -> dict:  # noqa: ANN001
-    return {
-        "type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": cid,
-        "geometry": shapely.geometry.mapping(geom), "bbox": list(geom.bounds), "links": [],
-        "properties": {"datetime": when.strftime("%Y-%m-%dT%H:%M:%SZ"), **props},
-        "assets": {k: {"href": f"../../assets/{cid}/{iid}/{k}.tif", "type": "image/tiff",
-                       "roles": ["data"]} for k in keys},
-    }
-
-
 def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  # noqa: ANN001
     """Item JSON around each city for the calendar seasons of ``year``."""
+    from shapely.geometry import mapping
+
     from pipeline.demo.serve import CATALOG_VERSION, CATALOG_VERSION_KEY
+    from pipeline.demo.stacmeta import search_only_collection, search_only_item
 
     rng = np.random.default_rng(seed)
     (out / "collections").mkdir(parents=True)
     for cid in (S2, S1):
-        (out / "collections" / f"{cid}.json").write_text(json.dumps(_collection(cid)))
+        (out / "collections" / f"{cid}.json").write_text(json.dumps(search_only_collection(cid)))
         (out / "items" / cid).mkdir(parents=True)
     (out / "catalog.json").write_text(json.dumps({
         "type": "Catalog", "id": "bench", "stac_version": "1.0.0", "description": "bench",
@@ -82,7 +66,7 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
                          "platform": "Sentinel-2A", "s2:processing_baseline": "04.00"}
                 iid = f"S2_{ci}_{ti}_{when:%Y%m%dT%H%M%S}"
                 (out / "items" / S2 / f"{iid}.json").write_text(
-                    json.dumps(_item(S2, iid, when, geom, props, S2_KEYS)))
+                    json.dumps(search_only_item(S2, iid, when, mapping(geom), props, S2_KEYS)))
                 counts["s2"] += 1
         for day in range(0, 366, 6):
             when = t0 + dt.timedelta(days=day, hours=int(rng.integers(0, 12)))
@@ -92,7 +76,7 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
                      "platform": "SENTINEL-1A"}
             iid = f"S1_{ci}_{when:%Y%m%dT%H%M%S}"
             (out / "items" / S1 / f"{iid}.json").write_text(
-                json.dumps(_item(S1, iid, when, geom, props, ("vv", "vh"))))
+                json.dumps(search_only_item(S1, iid, when, mapping(geom), props, ("vv", "vh"))))
             counts["s1"] += 1
     return counts
 

@@ -25,6 +25,7 @@ import shapely
 
 from pipeline.config import load_config
 from pipeline.demo.cities import DEMO_CITIES
+from pipeline.demo.stacmeta import search_only_collection, search_only_item
 from pipeline.errors import ConfigError, SearchError, UserError
 from pipeline.providers import get_provider
 from pipeline.sampling import locations_from_points, read_locations, sample, write_locations
@@ -38,28 +39,8 @@ S2_KEYS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
 
 
 # ------------------------------------------------------------------------ synthetic catalog
-def _collection(cid: str) -> dict:
-    return {
-        "type": "Collection", "id": cid, "stac_version": "1.0.0", "description": cid,
-        "license": "proprietary", "links": [],
-        "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
-                   "temporal": {"interval": [["2021-01-01T00:00:00Z", None]]}},
-    }
-
-
 def _box(lon0: float, lat0: float, lon1: float, lat1: float) -> dict:
     return shapely.geometry.mapping(shapely.box(lon0, lat0, lon1, lat1))
-
-
-def _item(cid: str, iid: str, when: dt.datetime, geom: dict, props: dict, keys) -> dict:
-    g = shapely.geometry.shape(geom)
-    return {
-        "type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": cid,
-        "geometry": geom, "bbox": list(g.bounds), "links": [],
-        "properties": {"datetime": when.strftime("%Y-%m-%dT%H:%M:%SZ"), **props},
-        "assets": {k: {"href": f"../../assets/{cid}/{iid}/{k}.tif", "type": "image/tiff",
-                       "roles": ["data"]} for k in keys},
-    }
 
 
 def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
@@ -69,7 +50,7 @@ def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     (out / "collections").mkdir(parents=True)
     for cid in (S2, S1):
-        (out / "collections" / f"{cid}.json").write_text(json.dumps(_collection(cid)))
+        (out / "collections" / f"{cid}.json").write_text(json.dumps(search_only_collection(cid)))
         (out / "items" / cid).mkdir(parents=True)
     (out / "catalog.json").write_text(json.dumps({
         "type": "Catalog", "id": "synthetic", "stac_version": "1.0.0", "description": "test",
@@ -102,7 +83,7 @@ def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
                 if rng.random() < 0.03 and cloud < 20:
                     keys = tuple(k for k in S2_KEYS if k != "B04")  # malformed: lacks a band
                     counts["malformed"] += 1
-                put(_item(S2, iid, when, geom, props, keys))
+                put(search_only_item(S2, iid, when, geom, props, keys))
                 counts["s2"] += 1
         for day in range(0, 385, 3):
             when = t0 + dt.timedelta(days=day, hours=int(rng.integers(0, 12)))
@@ -117,7 +98,7 @@ def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
                 "sat:orbit_state": "ascending" if rng.random() < 0.5 else "descending",
                 "platform": "SENTINEL-1A",
             }
-            put(_item(S1, f"S1X_{ci}_{when:%Y%m%dT%H%M%S}", when, geom, props, ("vv", "vh")))
+            put(search_only_item(S1, f"S1X_{ci}_{when:%Y%m%dT%H%M%S}", when, geom, props, ("vv", "vh")))
             counts["s1"] += 1
     return counts
 

@@ -433,3 +433,29 @@ def mgrs_tile(epsg: int, x: float, y: float, lat: float) -> str:
 
 def square_footprint(bounds: tuple[float, float, float, float]) -> Polygon:
     return box(*bounds)
+
+
+# --------------------------------------------------------------------- item-only catalogs
+def search_only_collection(cid: str) -> dict[str, Any]:
+    """A minimal collection for an item-only catalog (searches never read pixels)."""
+    return {
+        "type": "Collection", "id": cid, "stac_version": STAC_VERSION, "description": cid,
+        "license": "proprietary", "links": [],
+        "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
+                   "temporal": {"interval": [["2021-01-01T00:00:00Z", None]]}},
+    }
+
+
+def search_only_item(cid: str, iid: str, when: datetime, geom: dict[str, Any],
+                     props: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A minimal item with the properties and asset keys a search looks at, for catalogs of
+    STAC JSON without COGs (search tests and benchmarks). ``geom`` is GeoJSON in lon/lat."""
+    from shapely.geometry import shape
+
+    return {
+        "type": "Feature", "stac_version": STAC_VERSION, "id": iid, "collection": cid,
+        "geometry": geom, "bbox": list(shape(geom).bounds), "links": [],
+        "properties": {"datetime": when.strftime("%Y-%m-%dT%H:%M:%SZ"), **props},
+        "assets": {k: {"href": asset_href(cid, iid, k), "type": "image/tiff",
+                       "roles": ["data"]} for k in keys},
+    }
