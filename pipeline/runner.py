@@ -359,23 +359,6 @@ def make_client(
     return Client(lc)
 
 
-def _interrupted_template(path: str) -> bool:
-    """True for a store of ours whose template was never finished: :func:`pipeline.store.
-    create_store` consolidates the metadata as its last step, so a root ``zarr.json`` without
-    consolidated metadata means it was stopped midway (e.g. SIGKILL)."""
-    import zarr
-
-    from . import store
-
-    if not (store._exists(path) and store._is_our_store(path)):
-        return False
-    try:
-        root = zarr.open_group(store._target(path), mode="r", zarr_format=3)
-    except Exception:  # noqa: BLE001 - unreadable root: let create_store report it
-        return False
-    return root.metadata.consolidated_metadata is None
-
-
 def plan(n_samples: int, status: np.ndarray | None = None, shard_samples: int = 64,
          retry_failed: bool = False) -> list[int]:
     """Shards still to do: any sample pending (or failed, with ``retry_failed``)."""
@@ -435,12 +418,6 @@ def run_build(
 
         Grid.from_location(loc)
     if overwrite:
-        store.remove_store(store_path)
-    elif _interrupted_template(store_path):
-        # killed while the template was written: no shard can have been written yet (tasks
-        # start after it), so write it again instead of resuming into missing arrays
-        log.warning("store %s: its template was interrupted before it was complete; "
-                    "writing it again", store_path)
         store.remove_store(store_path)
     # provenance: GDAL options may hold credentials (e.g. AWS_SECRET_ACCESS_KEY, in the options
     # and in the config's build section) and URLs user:password@ or tokens: masked before they

@@ -366,6 +366,8 @@ def test_kill_while_the_template_is_written(demo_tables: dict, clean_store: Path
     for p in sorted((path / "S1RTC").rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
     (path / "S1RTC").rmdir()
+    # create_store keeps this marker beside the store until the template is complete
+    (tmp_path / "cube.zarr.ssl4eo-creating").write_text("x")
     out = run_build(locs, scenes, path, options=_options(),
                     client_options={"workers": 1, "threads": 1}, progress=False)
     assert out["status"]["complete"] == 2, out
