@@ -42,19 +42,12 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
     """Item JSON around each city for the calendar seasons of ``year``."""
     from shapely.geometry import mapping
 
-    from pipeline.demo.serve import CATALOG_VERSION, CATALOG_VERSION_KEY
-    from pipeline.demo.stacmeta import search_only_collection, search_only_item
+    from pipeline.demo.stacmeta import search_only_item, write_search_only_catalog
 
     rng = np.random.default_rng(seed)
-    (out / "collections").mkdir(parents=True)
-    for cid in (S2, S1):
-        (out / "collections" / f"{cid}.json").write_text(json.dumps(search_only_collection(cid)))
-        (out / "items" / cid).mkdir(parents=True)
-    (out / "catalog.json").write_text(json.dumps({
-        "type": "Catalog", "id": "bench", "stac_version": "1.0.0", "description": "bench",
-        "links": [], CATALOG_VERSION_KEY: CATALOG_VERSION}))
     t0 = dt.datetime(year - 1, 12, 1, 10, 0, 0)
     counts = {"s2": 0, "s1": 0}
+    items: list[dict] = []
     for ci, (lon, lat) in enumerate(zip(cities["lon"], cities["lat"], strict=True)):
         # two overlapping tiles per city, about 2.4 x 2.4 degrees (the locations' spread)
         tiles = [shapely.box(lon - 1.3, lat - 1.2, lon + 1.1, lat + 1.2),
@@ -65,8 +58,7 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
                 props = {"eo:cloud_cover": float(np.round(rng.uniform(0, 60), 3)),
                          "platform": "Sentinel-2A", "s2:processing_baseline": "04.00"}
                 iid = f"S2_{ci}_{ti}_{when:%Y%m%dT%H%M%S}"
-                (out / "items" / S2 / f"{iid}.json").write_text(
-                    json.dumps(search_only_item(S2, iid, when, mapping(geom), props, S2_KEYS)))
+                items.append(search_only_item(S2, iid, when, mapping(geom), props, S2_KEYS))
                 counts["s2"] += 1
         for day in range(0, 366, 6):
             when = t0 + dt.timedelta(days=day, hours=int(rng.integers(0, 12)))
@@ -75,9 +67,9 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
                      "sat:orbit_state": "ascending" if day % 12 else "descending",
                      "platform": "SENTINEL-1A"}
             iid = f"S1_{ci}_{when:%Y%m%dT%H%M%S}"
-            (out / "items" / S1 / f"{iid}.json").write_text(
-                json.dumps(search_only_item(S1, iid, when, mapping(geom), props, ("vv", "vh"))))
+            items.append(search_only_item(S1, iid, when, mapping(geom), props, ("vv", "vh")))
             counts["s1"] += 1
+    write_search_only_catalog(out, "bench", items)
     return counts
 
 

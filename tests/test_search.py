@@ -25,7 +25,7 @@ import shapely
 
 from pipeline.config import load_config
 from pipeline.demo.cities import DEMO_CITIES
-from pipeline.demo.stacmeta import search_only_collection, search_only_item
+from pipeline.demo.stacmeta import search_only_item, write_search_only_catalog
 from pipeline.errors import ConfigError, SearchError, UserError
 from pipeline.providers import get_provider
 from pipeline.sampling import locations_from_points, read_locations, sample, write_locations
@@ -45,21 +45,11 @@ def _box(lon0: float, lat0: float, lon1: float, lat1: float) -> dict:
 
 def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
     """Write a catalog in the embedded-catalog format; returns counts of what it holds."""
-    from pipeline.demo.serve import CATALOG_VERSION, CATALOG_VERSION_KEY
-
     rng = np.random.default_rng(seed)
-    (out / "collections").mkdir(parents=True)
-    for cid in (S2, S1):
-        (out / "collections" / f"{cid}.json").write_text(json.dumps(search_only_collection(cid)))
-        (out / "items" / cid).mkdir(parents=True)
-    (out / "catalog.json").write_text(json.dumps({
-        "type": "Catalog", "id": "synthetic", "stac_version": "1.0.0", "description": "test",
-        "links": [], CATALOG_VERSION_KEY: CATALOG_VERSION}))
     t0 = dt.datetime(2021, 11, 20, 10, 0, 0)
     counts = {"s2": 0, "s1": 0, "malformed": 0}
-
-    def put(item: dict) -> None:
-        (out / "items" / item["collection"] / f"{item['id']}.json").write_text(json.dumps(item))
+    items: list[dict] = []
+    put = items.append
 
     for ci, city in enumerate(DEMO_CITIES):
         lon, lat = city.lon, city.lat
@@ -100,6 +90,7 @@ def build_synthetic_catalog(out: Path, seed: int = 0) -> dict:
             }
             put(search_only_item(S1, f"S1X_{ci}_{when:%Y%m%dT%H%M%S}", when, geom, props, ("vv", "vh")))
             counts["s1"] += 1
+    write_search_only_catalog(out, "synthetic", items)
     return counts
 
 

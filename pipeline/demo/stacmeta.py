@@ -459,3 +459,23 @@ def search_only_item(cid: str, iid: str, when: datetime, geom: dict[str, Any],
         "assets": {k: {"href": asset_href(cid, iid, k), "type": "image/tiff",
                        "roles": ["data"]} for k in keys},
     }
+
+
+def write_search_only_catalog(out: Path, catalog_id: str, items: list[dict[str, Any]]) -> None:
+    """Write ``items`` as an item-only catalog in the embedded-catalog layout (``catalog.json``,
+    ``collections/*.json``, ``items/<collection>/<id>.json``) that ``ssl4eo catalog serve``
+    serves; no COGs, so no search result can be read, only chosen."""
+    import json
+
+    from .serve import CATALOG_VERSION, CATALOG_VERSION_KEY
+
+    for cid in sorted({it["collection"] for it in items}):
+        (out / "collections").mkdir(parents=True, exist_ok=True)
+        (out / "collections" / f"{cid}.json").write_text(json.dumps(search_only_collection(cid)))
+        (out / "items" / cid).mkdir(parents=True, exist_ok=True)
+    for it in items:
+        (out / "items" / it["collection"] / f"{it['id']}.json").write_text(json.dumps(it))
+    (out / "catalog.json").write_text(json.dumps({
+        "type": "Catalog", "id": catalog_id, "stac_version": STAC_VERSION,
+        "description": f"item-only catalog {catalog_id}", "links": [],
+        CATALOG_VERSION_KEY: CATALOG_VERSION}))
