@@ -339,7 +339,13 @@ def _baseline_needs_offset(item: Mapping[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- cube
-def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, chunks=None):
+def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env):
+    """stackstac's lazy (time, band, y, x) array, one chunk per time step with every band.
+
+    One chunk per scene rather than per (scene, band): a task reads the scene's assets one
+    after the other, and a cube of 4 seasons is 4 tasks instead of 48 (dask's per-task cost
+    and the graph's size were a third of the build's CPU; ``benchmarks/build.py``).
+    """
     import stackstac
     from rasterio.enums import Resampling
 
@@ -352,7 +358,7 @@ def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, chun
         resolution=layout.PIXEL_SIZE_M,
         snap_bounds=False,
         resampling=Resampling[resampling],
-        chunksize=chunks or (1, 1, n, n),
+        chunksize=(1, len(assets), n, n),
         dtype=np.dtype(dtype),
         fill_value=fill,
         rescale=False,
@@ -368,6 +374,44 @@ def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, chun
     return da
 
 
+# ------------------------------------------------------------------- per-scene numpy kernels
+# The cubes apply these to each scene's chunk (dask map_blocks): one task per scene and
+# modality, whatever the number of bands. Arrays are (time, band, y, x) blocks.
+def harmonise_s2(bands: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """uint16 DNs with ``shift`` (time, 1, 1, 1) added to valid (non-zero) pixels, clipped to
+    1..65535 so that a valid pixel never becomes nodata (0) nor wraps; 0 stays 0."""
+    if not shift.any():
+        return bands
+    wide = bands.astype(np.int32) + shift
+    return np.where(bands != layout.S2_NODATA, wide.clip(1, 65535), 0).astype(np.uint16)
+
+
+def s2_valid(bands: np.ndarray, scl: np.ndarray | None = None) -> np.ndarray:
+    """(time, y, x) bool: every band non-zero and SCL (time, 1, y, x) not an invalid class."""
+    valid = (bands != layout.S2_NODATA).all(axis=1)
+    if scl is not None:
+        valid &= ~np.isin(scl[:, 0], list(layout.SCL_INVALID_CLASSES))
+    return valid
+
+
+def s2_cloud(valid: np.ndarray, scl: np.ndarray) -> np.ndarray:
+    """(time, y, x) uint8 cloud mask from ``valid`` and SCL, both (time, 1, y, x): 1 cloud /
+    shadow / cirrus, 0 clear, 255 where not valid."""
+    cloud = np.isin(scl[:, 0], list(layout.SCL_CLOUD_CLASSES)).astype(np.uint8)
+    return np.where(valid[:, 0], cloud, np.uint8(CLOUD_UNKNOWN)).astype(np.uint8)
+
+
+def rtc_to_db(linear: np.ndarray) -> np.ndarray:
+    """Linear gamma0 to dB, float32; the file nodata (-32768) and values <= 0 become NaN."""
+    ok = (linear != layout.S1_RTC_FILE_NODATA) & (linear > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, 10.0 * np.log10(np.where(ok, linear, 1)), np.nan).astype(np.float32)
+
+
+def _fraction(valid: np.ndarray) -> np.ndarray:
+    return valid.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+
+
 def s2_cube(
     item_jsons: Sequence[str | Mapping[str, Any]],
     grid: Grid,
@@ -380,7 +424,7 @@ def s2_cube(
 ):  # -> xr.Dataset
     """Lazy S2 cube (time, band, y, x) uint16 harmonised to ``convention``, with ``cloud_mask``
     (time, y, x) uint8 and ``valid_fraction`` (time,) float32."""
-    import xarray as xr
+    import dask.array as dsa
 
     provider = provider or get_provider("local")
     band_assets = provider.band_assets(modality)
@@ -392,32 +436,27 @@ def s2_cube(
     all_keys = keys + ([scl_key] if has_scl else [])
     items = prepare_items(item_jsons, all_keys, provider.sign, grid)
     env = gdal_env(env_overrides)
-    data = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
-                  env=env)
-    data = data.assign_coords(band=list(bands))
+    raw = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
+                 env=env).data
 
     # offset harmonisation: target offset minus the scene's own offset, on valid pixels only
     target = layout.S2_OFFSET_CONVENTIONS[convention]
     scene_offset = np.array(
         [0 if _baseline_needs_offset(it) else layout.S2_BASELINE_OFFSET for it in items]
     )
-    shift = xr.DataArray((target - scene_offset).astype(np.int32), dims="time")
-    valid_px = data != layout.S2_NODATA
-    if (shift != 0).any():
-        wide = data.astype(np.int32) + shift
-        # a valid pixel never becomes nodata (0) nor wraps: clip to 1..65535
-        data = xr.where(valid_px, wide.clip(1, 65535), 0).astype(np.uint16)
+    shift = dsa.from_array((target - scene_offset).astype(np.int32).reshape(-1, 1, 1, 1),
+                           chunks=1)
+    data = dsa.map_blocks(harmonise_s2, raw, shift, dtype=np.uint16)
 
-    valid = valid_px.all("band")
     if has_scl:
         scl = _stack(items, [scl_key], grid, dtype="uint8", fill=np.uint8(0),
-                     resampling="nearest", env=env).isel(band=0, drop=True)
-        valid = valid & ~scl.isin(list(layout.SCL_INVALID_CLASSES))
-        cloud = xr.where(valid, scl.isin(list(layout.SCL_CLOUD_CLASSES)), CLOUD_UNKNOWN)
-        cloud = cloud.astype(np.uint8)
+                     resampling="nearest", env=env).data
+        valid = dsa.map_blocks(s2_valid, raw, scl, drop_axis=1, dtype=bool)
+        cloud = dsa.map_blocks(s2_cloud, valid[:, None], scl, drop_axis=1, dtype=np.uint8)
     else:
-        cloud = xr.full_like(valid, CLOUD_UNKNOWN, dtype=np.uint8)
-    return _finish(data, cloud, valid, items, grid)
+        valid = dsa.map_blocks(s2_valid, raw, drop_axis=1, dtype=bool)
+        cloud = dsa.full(valid.shape, CLOUD_UNKNOWN, dtype=np.uint8, chunks=valid.chunks)
+    return _finish(data, bands, cloud, valid, items, grid)
 
 
 def s1_cube(
@@ -430,31 +469,31 @@ def s1_cube(
     env_overrides: Mapping[str, Any] | None = None,
 ):  # -> xr.Dataset
     """Lazy S1 RTC cube (time, band, y, x) float32 in dB, NaN as nodata."""
+    import dask.array as dsa
+
     provider = provider or get_provider("local")
     band_assets = provider.band_assets(modality)
     bands = layout.BANDS[modality]
     keys = [band_assets[b] for b in bands]
     items = prepare_items(item_jsons, keys, provider.sign, grid)
     lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
-                 resampling=resampling, env=gdal_env(env_overrides))
-    lin = lin.assign_coords(band=list(bands))
-    lin = lin.where((lin != layout.S1_RTC_FILE_NODATA) & (lin > 0))
-    db = (10.0 * np.log10(lin)).astype(np.float32)
-    valid = np.isfinite(db).all("band")
-    return _finish(db, None, valid, items, grid)
+                 resampling=resampling, env=gdal_env(env_overrides)).data
+    db = dsa.map_blocks(rtc_to_db, lin, dtype=np.float32)
+    valid = dsa.map_blocks(lambda x: np.isfinite(x).all(axis=1), db, drop_axis=1, dtype=bool)
+    return _finish(db, bands, None, valid, items, grid)
 
 
-def _finish(data, cloud, valid, items, grid: Grid):
+def _finish(data, bands, cloud, valid, items, grid: Grid):  # noqa: ANN001 - dask arrays
+    import dask.array as dsa
     import pandas as pd
     import xarray as xr
 
     n = layout.PATCH_PIXELS
     times = pd.to_datetime([it["properties"]["datetime"] for it in items], utc=True)
     times = times.tz_localize(None).values.astype("datetime64[ns]")
-    data = data.drop_vars([c for c in data.coords if c not in ("band",)])
     coords = {
         "time": ("time", times),
-        "band": ("band", data.band.values),
+        "band": ("band", list(bands)),
         "y": ("y", grid.y_centres()),
         "x": ("x", grid.x_centres()),
         "file_id": ("time", np.array([it["id"] for it in items], dtype=object)),
@@ -462,10 +501,12 @@ def _finish(data, cloud, valid, items, grid: Grid):
             [it["properties"].get("eo:cloud_cover", np.nan) for it in items], dtype=np.float32
         )),
     }
-    ds = xr.Dataset({"bands": data.variable.set_dims(("time", "band", "y", "x"))}, coords=coords)
-    ds["valid_fraction"] = valid.variable.astype(np.float32).mean(("y", "x")).astype(np.float32)
+    fraction = dsa.map_blocks(_fraction, valid, drop_axis=(1, 2), dtype=np.float32)
+    variables = {"bands": (("time", "band", "y", "x"), data),
+                 "valid_fraction": (("time",), fraction)}
     if cloud is not None:
-        ds["cloud_mask"] = (("time", "y", "x"), cloud.data)
+        variables["cloud_mask"] = (("time", "y", "x"), cloud)
+    ds = xr.Dataset(variables, coords=coords)
     assert ds.sizes["y"] == n and ds.sizes["x"] == n
     ds.attrs.update(epsg=grid.epsg, bounds=list(grid.bounds))
     return ds
@@ -525,5 +566,6 @@ def linear_to_db(x: np.ndarray) -> np.ndarray:
 __all__ = [
     "GDAL_HTTP_ENV", "Grid", "RetryingRioReader", "clear_http_cache", "gdal_env",
     "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
-    "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db",
+    "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db", "harmonise_s2",
+    "s2_valid", "s2_cloud", "rtc_to_db",
 ]

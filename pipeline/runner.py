@@ -39,6 +39,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,28 +188,40 @@ def build_shard(
     arrays = {m: store.empty_shard(m, ids) for m in options.modalities}
     status = np.full(len(ids), layout.STATUS_CODES["complete"], np.uint8)
     failure = [""] * len(ids)
-    n_scenes = 0
-    for i, loc in enumerate(rows.to_dict("records")):
+    records = rows.to_dict("records")
+    for i, loc in enumerate(records):
         grid = cube.Grid.from_location(loc)
         for m in options.modalities:
             a = arrays[m]
             a["center_lat"][i], a["center_lon"][i] = loc["lat"], loc["lon"]
             a["crs"][i] = grid.epsg
             a["x_"][i], a["y_"][i] = grid.x_centres(), grid.y_centres()
-        try:
-            computed = {m: ds for m in options.modalities
-                        if (ds := _read_modality(loc, ok, m, options, provider)) is not None}
-            for m, ds in computed.items():
-                n_scenes += _place(arrays[m], i, ds, m)
-        except Exception as exc:  # noqa: BLE001 - recorded per sample, never silent
-            for m in options.modalities:  # nothing of a failed sample is written as data
-                fresh = store.empty_shard(m, [ids[i]])
-                for k, v in fresh.items():
-                    if k not in ("center_lat", "center_lon", "crs", "x_", "y_"):
-                        arrays[m][k][i] = v[0]
-            status[i] = layout.STATUS_CODES["failed"]
-            failure[i] = redact_hrefs(f"{type(exc).__name__}: {exc}")[: store.FAILURE_LEN]
-            log.warning("sample %s failed: %s", ids[i], failure[i])
+    # one cube (location, modality) per thread, each computed with dask's synchronous
+    # scheduler: read_threads cubes at once, and each result is copied into the shard (and
+    # dropped) as soon as it is in, so at most read_threads cubes are held besides the shard
+    with ThreadPoolExecutor(max(1, options.read_threads),
+                            thread_name_prefix="ssl4eo-cube") as pool:
+        futures = {pool.submit(_read_modality, loc, ok, m, options, provider): (i, m)
+                   for i, loc in enumerate(records) for m in options.modalities}
+        for fut in as_completed(futures):
+            i, m = futures.pop(fut)
+            try:
+                ds = fut.result()
+                if ds is not None and status[i] != layout.STATUS_CODES["failed"]:
+                    _place(arrays[m], i, ds, m)
+            except Exception as exc:  # noqa: BLE001 - recorded per sample, never silent
+                if status[i] != layout.STATUS_CODES["failed"]:
+                    status[i] = layout.STATUS_CODES["failed"]
+                    failure[i] = redact_hrefs(f"{type(exc).__name__}: {exc}")[: store.FAILURE_LEN]
+                    log.warning("sample %s failed: %s", ids[i], failure[i])
+            del fut
+    for i in np.flatnonzero(status == layout.STATUS_CODES["failed"]):
+        for m in options.modalities:  # nothing of a failed sample is written as data
+            fresh = store.empty_shard(m, [ids[i]])
+            for k, v in fresh.items():
+                if k not in ("center_lat", "center_lon", "crs", "x_", "y_"):
+                    arrays[m][k][i] = v[0]
+    n_scenes = int(sum((arrays[m]["file_id"] != "").sum() for m in options.modalities))
     store.write_shard_arrays(store_path, shard, ids, arrays, status, failure, shard_samples=s)
     return {"shard": shard, "samples": len(ids), "scenes": n_scenes,
             "failed": int((status == layout.STATUS_CODES["failed"]).sum()),
@@ -232,8 +245,6 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     reads. A read refused with HTTP 401/403 (an expired token) drops the signer's cached
     tokens and GDAL's cached state of the files, signs fresh copies of the items and reads
     again, ``options.sign_retries`` times; any other error is raised (and recorded)."""
-    import dask
-
     from . import cube
 
     for attempt in range(options.sign_retries + 1):
@@ -244,10 +255,10 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
         if modality not in cubes:
             return None
         try:
-            # one compute per modality: dask 2026.8 intermittently drops keys ("Missing
-            # dependency") when several xarray datasets are computed in one dask.compute
-            with dask.config.set(scheduler="threads", num_workers=options.read_threads):
-                return cubes[modality].compute()
+            # synchronous: the shard task runs read_threads of these at once (build_shard).
+            # One compute per cube also keeps clear of dask 2026.8 dropping keys ("Missing
+            # dependency") when several xarray datasets are computed in one dask.compute.
+            return cubes[modality].compute(scheduler="sync")
         except Exception as exc:
             if attempt == options.sign_retries or not cube.is_auth_error(exc):
                 raise
