@@ -19,18 +19,20 @@ Conventions (see :mod:`pipeline.layout`):
   becomes NaN, then ``10 * log10`` to dB.
 * Time is chronological per modality (sorted by acquisition datetime, then item id).
 
-Hrefs in the scenes table are unsigned; :func:`location_cubes` signs a *copy* of each item just
-before building the cube, which happens inside the Dask task that reads it (tokens never
-travel through the graph and never expire while waiting in a queue).
+Hrefs in the scenes table are unsigned, and so are the hrefs in the cube's graph: the reader
+(:class:`RetryingRioReader`) signs each href with the provider's signer when it opens the file,
+inside the task that reads it, so tokens never travel through the graph and never expire while
+a task waits in a queue or while the other assets of a scene are read.
 
 Reads are retried at two levels. GDAL retries HTTP 429/5xx and timeouts itself
 (:data:`GDAL_HTTP_ENV`); what it does not retry (a truncated body, an empty reply, a 5xx that
 outlasted its retries) fails the chunk's read, and :class:`RetryingRioReader` reads that chunk
 again, up to :data:`READ_RETRIES` times with backoff (once for a 429/5xx, which GDAL already
 retried), after dropping GDAL's cached state of the file (``/vsicurl/`` remembers a failed file
-as missing for the life of the process). HTTP 4xx are never retried here: 403/401 (an expired
-token) go up to the build, which signs the items again (:func:`is_auth_error`); a 404 is an
-error. Nothing is ever turned into fill.
+as missing for the life of the process). HTTP 403/401 (an expired token,
+:func:`is_auth_error`) make the reader drop the signer's cached tokens, sign again and re-read
+(:data:`SIGN_RETRIES` times); other 4xx are never retried (a 404 is an error). Nothing is ever
+turned into fill.
 """
 
 from __future__ import annotations
@@ -168,31 +170,72 @@ def clear_http_cache(urls: Iterable[str]) -> None:
             lib.VSICurlPartialClearCache(f"/vsicurl/{url}".encode())
 
 
-class RetryingRioReader(AutoParallelRioReader):
-    """stackstac's reader, with a bounded retry of transient errors (:func:`is_transient`).
+#: times a read refused with HTTP 401/403 is signed again and retried (after the signer's
+#: cached tokens are dropped)
+SIGN_RETRIES = 2
 
-    Before each retry the reader drops its datasets and GDAL's cached state of the file, so the
-    retry really fetches again. 401/403 are raised at once (see :func:`is_auth_error`).
+
+class RetryingRioReader(AutoParallelRioReader):
+    """stackstac's reader that signs its href when it opens the file, with bounded retries.
+
+    The cubes hand it the unsigned href and the provider's signer (``sign``, through
+    :func:`functools.partial`): the href is signed when the file is opened, inside the task
+    that reads it, so a token is never older than the read that uses it and never travels in
+    the graph. A read refused with HTTP 401/403 (an expired or revoked token,
+    :func:`is_auth_error`) drops the signer's cached tokens (its ``cache_clear()``, if any),
+    signs again and re-reads, ``sign_retries`` times. Transient errors (:func:`is_transient`)
+    are retried as well; before each retry the reader drops its datasets and GDAL's cached
+    state of the file, so the retry really fetches again.
     """
+
+    def __init__(self, *, url: str, sign: Callable[[str], str] | None = None,
+                 sign_retries: int = SIGN_RETRIES, **kwargs: Any) -> None:
+        super().__init__(url=url, **kwargs)
+        self.href = url  # unsigned; self.url is the signed URL once opened
+        self.sign = sign
+        self.sign_retries = sign_retries
+
+    def _open(self):  # noqa: ANN202 - stackstac's ThreadsafeRioDataset
+        if self.sign is not None:
+            self.url = self.sign(self.href)
+        return super()._open()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "url": self.href, "sign": self.sign,
+                "sign_retries": self.sign_retries}
 
     def read(self, window, **kwargs) -> np.ndarray:  # noqa: ANN001
         from .providers import redact_hrefs
 
-        for attempt in range(READ_RETRIES + 1):
+        attempt = signed_again = 0
+        while True:
             try:
                 return self._read_once(window)
             except RuntimeError as exc:  # stackstac wraps every open/read error in one
+                if is_auth_error(exc):
+                    if signed_again >= self.sign_retries:
+                        raise
+                    signed_again += 1
+                    log.info("read of %s refused (HTTP %s); signing again (retry %d of %d)",
+                             redact_hrefs(self.href), http_status(exc), signed_again,
+                             self.sign_retries)
+                    drop_tokens = getattr(self.sign, "cache_clear", None)
+                    if drop_tokens is not None:
+                        drop_tokens()
+                    self.close()
+                    clear_http_cache([self.href, self.url])
+                    continue
                 # an HTTP 429/5xx was already retried by GDAL (GDAL_HTTP_MAX_RETRY times, with
                 # backoff): one more round after a pause, not READ_RETRIES x GDAL's retries
                 limit = READ_RETRIES if http_status(exc) is None else min(1, READ_RETRIES)
                 if attempt >= limit or not is_transient(exc):
                     raise
-                log.info("read of %s failed (%s); retry %d of %d", redact_hrefs(self.url),
+                log.info("read of %s failed (%s); retry %d of %d", redact_hrefs(self.href),
                          redact_hrefs(str(exc.__cause__ or exc))[:200], attempt + 1, limit)
                 self.close()
-                clear_http_cache([self.url])
+                clear_http_cache([self.href, self.url])
                 time.sleep(READ_RETRY_DELAY_S * 2**attempt * random.uniform(0.5, 1.5))
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
 
     def _read_once(self, window) -> np.ndarray:  # noqa: ANN001
         """One read of the window, unmasked.
@@ -305,10 +348,10 @@ def _pin_footprint(item: dict[str, Any], grid: Grid) -> dict[str, Any]:
 def prepare_items(
     item_jsons: Sequence[str | Mapping[str, Any]],
     asset_keys: Sequence[str],
-    sign: Callable[[str], str],
     grid: Grid,
 ) -> list[dict[str, Any]]:
-    """Copies of the items, chronological, with only ``asset_keys`` and signed hrefs.
+    """Copies of the items, chronological, with only ``asset_keys`` (hrefs as they are: the
+    reader signs them when it opens the file, see :class:`RetryingRioReader`).
 
     Raises :class:`UserError` when an item lacks one of the asset keys.
     """
@@ -322,7 +365,7 @@ def prepare_items(
                 f"scene {item.get('id')!r} has no asset(s) {missing} (has {sorted(assets)}); "
                 "the scenes table does not match this provider's band names"
             )
-        item["assets"] = {k: dict(assets[k], href=sign(assets[k]["href"])) for k in asset_keys}
+        item["assets"] = {k: dict(assets[k]) for k in asset_keys}
         items.append(_pin_footprint(item, grid))
     items.sort(key=lambda it: (it["properties"]["datetime"], it["id"]))
     return items
@@ -339,7 +382,8 @@ def _baseline_needs_offset(item: Mapping[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- cube
-def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env):
+def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, sign,
+           sign_retries: int = SIGN_RETRIES):
     """stackstac's lazy (time, band, y, x) array, one chunk per time step with every band.
 
     One chunk per scene rather than per (scene, band): a task reads the scene's assets one
@@ -368,7 +412,7 @@ def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env):
         band_coords=False,
         gdal_env=env,
         errors_as_nodata=(),  # a missing asset is an error, never silent fill
-        reader=RetryingRioReader,
+        reader=functools.partial(RetryingRioReader, sign=sign, sign_retries=sign_retries),
     )
     assert da.shape[-2:] == (n, n), f"cube is {da.shape[-2:]}, not {n} x {n}"
     return da
@@ -421,6 +465,7 @@ def s2_cube(
     resampling: str = "bilinear",
     convention: str = layout.S2_DEFAULT_CONVENTION,
     env_overrides: Mapping[str, Any] | None = None,
+    sign_retries: int = SIGN_RETRIES,
 ):  # -> xr.Dataset
     """Lazy S2 cube (time, band, y, x) uint16 harmonised to ``convention``, with ``cloud_mask``
     (time, y, x) uint8 and ``valid_fraction`` (time,) float32."""
@@ -434,10 +479,11 @@ def s2_cube(
     scl_key = band_assets.get(SCL_BAND, SCL_BAND)
     has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in probe)
     all_keys = keys + ([scl_key] if has_scl else [])
-    items = prepare_items(item_jsons, all_keys, provider.sign, grid)
+    items = prepare_items(item_jsons, all_keys, grid)
     env = gdal_env(env_overrides)
+    signing = {"sign": provider.signer(), "sign_retries": sign_retries}
     raw = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
-                 env=env).data
+                 env=env, **signing).data
 
     # offset harmonisation: target offset minus the scene's own offset, on valid pixels only
     target = layout.S2_OFFSET_CONVENTIONS[convention]
@@ -450,7 +496,7 @@ def s2_cube(
 
     if has_scl:
         scl = _stack(items, [scl_key], grid, dtype="uint8", fill=np.uint8(0),
-                     resampling="nearest", env=env).data
+                     resampling="nearest", env=env, **signing).data
         valid = dsa.map_blocks(s2_valid, raw, scl, drop_axis=1, dtype=bool)
         cloud = dsa.map_blocks(s2_cloud, valid[:, None], scl, drop_axis=1, dtype=np.uint8)
     else:
@@ -467,6 +513,7 @@ def s1_cube(
     provider: Any = None,
     resampling: str = "bilinear",
     env_overrides: Mapping[str, Any] | None = None,
+    sign_retries: int = SIGN_RETRIES,
 ):  # -> xr.Dataset
     """Lazy S1 RTC cube (time, band, y, x) float32 in dB, NaN as nodata."""
     import dask.array as dsa
@@ -475,9 +522,10 @@ def s1_cube(
     band_assets = provider.band_assets(modality)
     bands = layout.BANDS[modality]
     keys = [band_assets[b] for b in bands]
-    items = prepare_items(item_jsons, keys, provider.sign, grid)
+    items = prepare_items(item_jsons, keys, grid)
     lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
-                 resampling=resampling, env=gdal_env(env_overrides)).data
+                 resampling=resampling, env=gdal_env(env_overrides), sign=provider.signer(),
+                 sign_retries=sign_retries).data
     db = dsa.map_blocks(rtc_to_db, lin, dtype=np.float32)
     valid = dsa.map_blocks(lambda x: np.isfinite(x).all(axis=1), db, drop_axis=1, dtype=bool)
     return _finish(db, bands, None, valid, items, grid)
@@ -531,6 +579,7 @@ def location_cubes(
     resampling: str = "bilinear",
     convention: str = layout.S2_DEFAULT_CONVENTION,
     env_overrides: Mapping[str, Any] | None = None,
+    sign_retries: int = SIGN_RETRIES,
 ) -> dict[str, Any]:
     """Lazy cubes for one location: ``{modality: xr.Dataset}`` from its rows of the scenes table
     (``status == "ok"`` rows only; a modality with no scene is absent from the result).
@@ -546,7 +595,7 @@ def location_cubes(
             continue
         ds = modality_cube(modality, list(sub["item_json"]), grid, provider=provider,
                            resampling=resampling, convention=convention,
-                           env_overrides=env_overrides)
+                           env_overrides=env_overrides, sign_retries=sign_retries)
         season_by_id = dict(zip(sub["item_id"], sub["season"], strict=True))
         seasons = [int(season_by_id[i]) for i in ds.file_id.values]
         ds = ds.assign_coords(season=("time", np.array(seasons, dtype=np.int8)))

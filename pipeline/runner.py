@@ -15,10 +15,9 @@ Reliability:
 
 * reads: GDAL retries HTTP 429/5xx and timeouts; a chunk whose read still fails for a transient
   reason (a truncated body, a reset, an empty reply) is read again by
-  :class:`pipeline.cube.RetryingRioReader`; a read refused with HTTP 401/403 (an expired
-  token) makes the task drop the signer's cached tokens, sign the items again and redo that
-  location's modality (``sign_retries`` times). Items are signed per modality, just before its
-  reads.
+  :class:`pipeline.cube.RetryingRioReader`, which also signs each href as it opens the file;
+  a read refused with HTTP 401/403 (an expired token) makes it drop the signer's cached
+  tokens, sign again and re-read (``sign_retries`` times).
 * samples: a location whose reads still fail is recorded as ``failed`` with its reason (URLs
   without their query, so no token is ever logged or stored); nothing of it is written as
   data (its seasons stay nodata / NaT / ""), and ``retry_failed`` (``--retry-failed``) redoes
@@ -241,42 +240,23 @@ def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provide
 
 def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOptions,  # noqa: ANN001
                    provider):  # noqa: ANN001 - -> xr.Dataset | None
-    """One location's computed cube of ``modality`` (None: no scene), signed just before its
-    reads. A read refused with HTTP 401/403 (an expired token) drops the signer's cached
-    tokens and GDAL's cached state of the files, signs fresh copies of the items and reads
-    again, ``options.sign_retries`` times; any other error is raised (and recorded)."""
+    """One location's computed cube of ``modality`` (None: no scene). The cube's reader signs
+    each href as it opens the file, and after HTTP 401/403 (an expired token) drops the
+    signer's cached tokens and signs again, ``options.sign_retries`` times
+    (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded)."""
     from . import cube
 
-    for attempt in range(options.sign_retries + 1):
-        cubes = cube.location_cubes(
-            loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
-            convention=options.convention, env_overrides=options.env_overrides,
-        )
-        if modality not in cubes:
-            return None
-        try:
-            # synchronous: the shard task runs read_threads of these at once (build_shard).
-            # One compute per cube also keeps clear of dask 2026.8 dropping keys ("Missing
-            # dependency") when several xarray datasets are computed in one dask.compute.
-            return cubes[modality].compute(scheduler="sync")
-        except Exception as exc:
-            if attempt == options.sign_retries or not cube.is_auth_error(exc):
-                raise
-            log.info("sample %s %s: read refused (HTTP %s); signing again (retry %d of %d)",
-                     loc["sample"], modality, cube.http_status(exc), attempt + 1,
-                     options.sign_retries)
-            provider.drop_tokens()
-            cube.clear_http_cache(_hrefs(ok, loc["sample"], modality))
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _hrefs(ok, sample: str, modality: str) -> list[str]:  # noqa: ANN001
-    """The unsigned hrefs of a location's scenes of ``modality``."""
-    import json
-
-    rows = ok[(ok["sample"] == sample) & (ok["modality"] == modality)]
-    return [a["href"] for raw in rows["item_json"]
-            for a in json.loads(raw).get("assets", {}).values() if "href" in a]
+    cubes = cube.location_cubes(
+        loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
+        convention=options.convention, env_overrides=options.env_overrides,
+        sign_retries=options.sign_retries,
+    )
+    if modality not in cubes:
+        return None
+    # synchronous: the shard task computes read_threads cubes at once (build_shard). One
+    # compute per cube also keeps clear of dask 2026.8 dropping keys ("Missing dependency")
+    # when several xarray datasets are computed in one dask.compute.
+    return cubes[modality].compute(scheduler="sync")
 
 
 def _first_hrefs(scenes) -> list[str]:  # noqa: ANN001
