@@ -37,18 +37,20 @@ turned into fill.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import json
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from stackstac.rio_env import LayeredEnv
 from stackstac.rio_reader import AutoParallelRioReader
 
 from . import layout
@@ -257,13 +259,56 @@ class RetryingRioReader(AutoParallelRioReader):
         return result
 
 
-def gdal_env(overrides: Mapping[str, Any] | None = None):  # -> stackstac.rio_env.LayeredEnv
+class CubeEnv(LayeredEnv):
+    """stackstac's layered GDAL options (open / open_vrt / read), free inside :func:`gdal_thread_env`.
+
+    stackstac enters a ``rasterio.Env`` for every open, VRT and read of every asset: three per
+    asset, each setting and restoring every option, and (outside any Env) looking up GDAL's
+    data paths again, which cost the build about a tenth of its CPU. A thread that reads many
+    assets enters the options once with :func:`gdal_thread_env`; inside it these layers are
+    no-ops. Elsewhere (a notebook, a Dask worker computing the lazy cube) they behave exactly
+    as stackstac's.
+    """
+
+    def __init__(self, always, open=None, open_vrt=None, read=None) -> None:  # noqa: A002, ANN001
+        super().__init__(always, open, open_vrt, read)
+        #: the options as one string: equal for equal options, across copies and processes
+        self.key = repr(sorted({**self._always, **self._open, **self._open_vrt}.items()))
+
+    def _get_layered_option(self, name: str, if_empty: str = "always"):  # noqa: ANN202
+        if getattr(_THREAD_ENV, "key", None) == self.key:
+            return contextlib.nullcontext()
+        return super()._get_layered_option(name, if_empty)
+
+
+_THREAD_ENV = threading.local()
+
+
+def gdal_env(overrides: Mapping[str, Any] | None = None) -> CubeEnv:
     """stackstac's layered GDAL environment plus :data:`GDAL_HTTP_ENV` (and ``overrides``)."""
     import stackstac
 
     always = dict(GDAL_HTTP_ENV)
     always.update(overrides or {})
-    return stackstac.DEFAULT_GDAL_ENV.updated(always=always)
+    base = stackstac.DEFAULT_GDAL_ENV.updated(always=always)
+    return CubeEnv(*base.__getstate__())
+
+
+@contextlib.contextmanager
+def gdal_thread_env(overrides: Mapping[str, Any] | None = None):  # -> Iterator[None]
+    """Enter the cubes' GDAL options once for this thread (the open options: the VSI cache on,
+    for reads too), so that the readers of cubes made with the same ``overrides`` skip their
+    per-asset environments (:class:`CubeEnv`). The build computes each cube inside one."""
+    import rasterio
+
+    env = gdal_env(overrides)
+    before = getattr(_THREAD_ENV, "key", None)
+    with rasterio.Env(**{**env._always, **env._open, **env._open_vrt}):
+        _THREAD_ENV.key = env.key
+        try:
+            yield
+        finally:
+            _THREAD_ENV.key = before
 
 
 # ------------------------------------------------------------------------------------ provider
@@ -357,7 +402,9 @@ def prepare_items(
     """
     items = []
     for raw in item_jsons:
-        item = json.loads(raw) if isinstance(raw, str) else copy.deepcopy(dict(raw))
+        # a copy of what _pin_footprint changes (the item, its properties and assets)
+        item = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        item["properties"] = dict(item.get("properties", {}))
         assets = item.get("assets", {})
         missing = [k for k in asset_keys if k not in assets]
         if missing:
@@ -475,11 +522,11 @@ def s2_cube(
     band_assets = provider.band_assets(modality)
     bands = layout.BANDS[modality]
     keys = [band_assets[b] for b in bands]
-    probe = [json.loads(r) if isinstance(r, str) else r for r in item_jsons]
+    parsed = [json.loads(r) if isinstance(r, str) else r for r in item_jsons]
     scl_key = band_assets.get(SCL_BAND, SCL_BAND)
-    has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in probe)
+    has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in parsed)
     all_keys = keys + ([scl_key] if has_scl else [])
-    items = prepare_items(item_jsons, all_keys, grid)
+    items = prepare_items(parsed, all_keys, grid)
     env = gdal_env(env_overrides)
     signing = {"sign": provider.signer(), "sign_retries": sign_retries}
     raw = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
@@ -613,7 +660,7 @@ def linear_to_db(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "GDAL_HTTP_ENV", "Grid", "RetryingRioReader", "clear_http_cache", "gdal_env",
+    "GDAL_HTTP_ENV", "CubeEnv", "Grid", "gdal_thread_env", "RetryingRioReader", "clear_http_cache", "gdal_env",
     "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
     "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db", "harmonise_s2",
     "s2_valid", "s2_cloud", "rtc_to_db",

@@ -253,10 +253,12 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     )
     if modality not in cubes:
         return None
-    # synchronous: the shard task computes read_threads cubes at once (build_shard). One
-    # compute per cube also keeps clear of dask 2026.8 dropping keys ("Missing dependency")
-    # when several xarray datasets are computed in one dask.compute.
-    return cubes[modality].compute(scheduler="sync")
+    # synchronous, in this thread, inside one GDAL environment: the shard task computes
+    # read_threads cubes at once (build_shard). One compute per cube also keeps clear of dask
+    # 2026.8 dropping keys ("Missing dependency") when several xarray datasets are computed in
+    # one dask.compute.
+    with cube.gdal_thread_env(options.env_overrides):
+        return cubes[modality].compute(scheduler="sync")
 
 
 def _first_hrefs(scenes) -> list[str]:  # noqa: ANN001
