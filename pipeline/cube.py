@@ -434,8 +434,10 @@ def _stack(items, assets, grid: Grid, *, dtype, fill, resampling: str, env, sign
     """stackstac's lazy (time, band, y, x) array, one chunk per time step with every band.
 
     One chunk per scene rather than per (scene, band): a task reads the scene's assets one
-    after the other, and a cube of 4 seasons is 4 tasks instead of 48 (dask's per-task cost
-    and the graph's size were a third of the build's CPU; ``benchmarks/build.py``).
+    after the other, and an S2 cube of 4 seasons is 4 read tasks instead of 48. With a chunk
+    per band, building and running the graph took about a quarter of the build's CPU
+    (``benchmarks/build.py``); the build gets its concurrency from reading several cubes at
+    once instead (:func:`pipeline.runner.build_shard`).
     """
     import stackstac
     from rasterio.enums import Resampling

@@ -63,6 +63,7 @@ class BuildOptions:
     provider: str = "auto"
     resampling: str = "bilinear"
     convention: str = layout.S2_DEFAULT_CONVENTION
+    #: cubes (location, modality) a task reads at once (threads; each reads its assets in turn)
     read_threads: int = 8
     shard_samples: int = layout.SHARD_SAMPLES
     env_overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -528,7 +529,8 @@ def _add_build_arguments(p: Any) -> None:
                    help="S2 offset convention stored: v1.1 = 10000*reflectance + 1000 (processing "
                    "baseline 04.00 and SSL4EO-S12 v1.1, default); v1 = 10000*reflectance")
     g.add_argument("--read-threads", type=int, default=None,
-                   help="concurrent COG reads inside one task (default 8)")
+                   help="cubes (location x modality) read at once inside one task, each "
+                   "reading its assets in turn (default 8)")
     g.add_argument("--provider", default=None,
                    help="provider profile used to sign hrefs (planetary-computer, earth-search, "
                    "local; default: the config's)")
