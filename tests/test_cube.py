@@ -253,3 +253,35 @@ def test_location_cubes_season_coordinate(tmp_path: Path) -> None:
     assert list(cubes["S2L2A"].season.values) == [0, 2, 3]
     assert list(cubes["S1RTC"].season.values) == [0, 1, 2, 3]
     assert cubes["S1RTC"].bands.dtype == np.float32
+
+
+def _dot_sign(href: str) -> str:
+    """A 'signer' for local files: another spelling of the same path (picklable by name)."""
+    head, tail = href.rsplit("/", 1)
+    return f"{head}/./{tail}"
+
+
+def test_reader_pickles_unsigned(synth: dict) -> None:
+    """A reader moved between Dask workers carries the unsigned href and the signer, never a
+    signed URL: the receiving worker signs again when it opens the file."""
+    import pickle
+
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+    from stackstac.raster_spec import RasterSpec
+
+    href = synth["s2"][0]["assets"]["B04"]["href"]
+    grid = synth["grid"]
+    reader = cube.RetryingRioReader(
+        url=href, sign=_dot_sign, sign_retries=1,
+        spec=RasterSpec(epsg=grid.epsg, bounds=grid.bounds, resolutions_xy=(10.0, 10.0)),
+        resampling=Resampling.bilinear, dtype=np.dtype("uint16"), fill_value=np.uint16(0),
+        scale_offset=(1, 0), gdal_env=cube.gdal_env())
+    ref = reference(href, grid)
+    assert np.array_equal(reader.read(Window(0, 0, N, N)), ref)
+    assert reader.url == _dot_sign(href) != reader.href  # opened through the signed URL
+    blob = pickle.dumps(reader)
+    assert reader.url.encode() not in blob
+    copy = pickle.loads(blob)
+    assert (copy.href, copy.sign_retries) == (href, 1)
+    assert np.array_equal(copy.read(Window(0, 0, N, N)), ref)
