@@ -213,11 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode:
         return _child(args)
 
-    from pipeline.config import load_config
     from pipeline.demo.catalog import build_catalog
-    from pipeline.demo.serve import start_catalog_server
-    from pipeline.sampling import sample, write_locations
-    from pipeline.search import search_locations
+    from pipeline.demo.serve import sample_and_search, start_catalog_server
 
     with tempfile.TemporaryDirectory(prefix="ssl4eo-bench-build-") as tmp:
         tmp = Path(tmp)
@@ -227,13 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             build_catalog(cat, profile="demo", real_data=None, seed=0, progress=False)
         served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
         try:
-            cfg = load_config("demo", overrides={
-                "sampling": {"num_locations": args.num_locations},
-                "search": {"stac_url": served.stac_url}})
-            tables = {"locations": write_locations(sample(cfg.sampling, progress=False),
-                                                   tmp / "locations.parquet", cfg),
-                      "scenes": tmp / "scenes.parquet"}
-            search_locations(tables["locations"], tables["scenes"], cfg, progress=False)
+            tables = sample_and_search(served.stac_url, tmp,
+                                       {"num_locations": args.num_locations})
             import pandas as pd
 
             scenes = pd.read_parquet(tables["scenes"])

@@ -114,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="an existing embedded catalog (default: build the test profile)")
     args = ap.parse_args(argv)
 
-    from pipeline.config import load_config
-    from pipeline.demo.serve import start_catalog_server
+    from pipeline.demo.serve import sample_and_search, start_catalog_server
     from pipeline.faults import FAULT_KINDS, FaultProxy
-    from pipeline.sampling import sample, write_locations
-    from pipeline.search import search_locations
 
     with tempfile.TemporaryDirectory(prefix="ssl4eo-faults-") as tmp_name:
         tmp = Path(tmp_name)
@@ -130,12 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             build_catalog(cat, profile="test", real_data=None, seed=0, progress=False)
         served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
         try:
-            cfg = load_config("demo", overrides={"sampling": SAMPLING,
-                                                 "search": {"stac_url": served.stac_url}})
-            locations = write_locations(sample(cfg.sampling, progress=False),
-                                        tmp / "locations.parquet", cfg)
-            scenes = tmp / "scenes.parquet"
-            search_locations(locations, scenes, cfg, progress=False)
+            tables = sample_and_search(served.stac_url, tmp, SAMPLING)
+            locations, scenes = tables["locations"], tables["scenes"]
 
             with FaultProxy(served.asset_url) as proxy:
                 clean_scenes = _proxied_scenes(scenes, served.asset_url, proxy.url,

@@ -207,7 +207,7 @@ class RetryingRioReader(AutoParallelRioReader):
                 "sign_retries": self.sign_retries}
 
     def read(self, window, **kwargs) -> np.ndarray:  # noqa: ANN001
-        from .providers import redact_hrefs
+        from .providers import drop_signer_tokens, redact_hrefs
 
         attempt = signed_again = 0
         while True:
@@ -221,9 +221,7 @@ class RetryingRioReader(AutoParallelRioReader):
                     log.info("read of %s refused (HTTP %s); signing again (retry %d of %d)",
                              redact_hrefs(self.href), http_status(exc), signed_again,
                              self.sign_retries)
-                    drop_tokens = getattr(self.sign, "cache_clear", None)
-                    if drop_tokens is not None:
-                        drop_tokens()
+                    drop_signer_tokens(self.sign)
                     self.close()
                     clear_http_cache([self.href, self.url])
                     continue
@@ -264,7 +262,7 @@ class CubeEnv(LayeredEnv):
 
     stackstac enters a ``rasterio.Env`` for every open, VRT and read of every asset: three per
     asset, each setting and restoring every option, and (outside any Env) looking up GDAL's
-    data paths again, which cost the build about a tenth of its CPU. A thread that reads many
+    data paths again: about 5-10 % of the build's CPU (py-spy). A thread that reads many
     assets enters the options once with :func:`gdal_thread_env`; inside it these layers are
     no-ops. Elsewhere (a notebook, a Dask worker computing the lazy cube) they behave exactly
     as stackstac's.
@@ -272,8 +270,10 @@ class CubeEnv(LayeredEnv):
 
     def __init__(self, always, open=None, open_vrt=None, read=None) -> None:  # noqa: A002, ANN001
         super().__init__(always, open, open_vrt, read)
-        #: the options as one string: equal for equal options, across copies and processes
-        self.key = repr(sorted({**self._always, **self._open, **self._open_vrt}.items()))
+        #: what :func:`gdal_thread_env` enters: the open options (the VSI cache on)
+        self.thread_options = {**self._always, **self._open, **self._open_vrt}
+        #: those options as one string: equal for equal options, across copies and processes
+        self.key = repr(sorted(self.thread_options.items()))
 
     def _get_layered_option(self, name: str, if_empty: str = "always"):  # noqa: ANN202
         if getattr(_THREAD_ENV, "key", None) == self.key:
@@ -303,7 +303,7 @@ def gdal_thread_env(overrides: Mapping[str, Any] | None = None):  # -> Iterator[
 
     env = gdal_env(overrides)
     before = getattr(_THREAD_ENV, "key", None)
-    with rasterio.Env(**{**env._always, **env._open, **env._open_vrt}):
+    with rasterio.Env(**env.thread_options):
         _THREAD_ENV.key = env.key
         try:
             yield

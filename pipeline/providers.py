@@ -73,6 +73,15 @@ def _pc_drop_tokens() -> None:
 _pc_sign.cache_clear = _pc_drop_tokens  # type: ignore[attr-defined]
 
 
+def drop_signer_tokens(signer: Callable[[str], str] | None) -> None:
+    """Call the signer's ``cache_clear()``, if it has one: its cached tokens are forgotten and
+    the next href it signs gets a fresh token. Done when a read was refused with HTTP 401/403
+    (:class:`pipeline.cube.RetryingRioReader`)."""
+    clear = getattr(signer, "cache_clear", None)
+    if callable(clear):
+        clear()
+
+
 def load_signer(spec: str) -> Callable[[str], str]:
     """The signing function named by ``spec`` = ``"package.module:function"``.
 
@@ -181,11 +190,9 @@ class Provider:
         return self.signer_func
 
     def drop_tokens(self) -> None:
-        """Forget the signer's cached tokens (its ``cache_clear()``, if any), so that the next
-        :meth:`sign` gets fresh ones: called when a read was refused with HTTP 403."""
-        clear = getattr(self.signer_func, "cache_clear", None)
-        if callable(clear):
-            clear()
+        """Forget the signer's cached tokens, so that the next :meth:`sign` gets fresh ones
+        (see :func:`drop_signer_tokens`)."""
+        drop_signer_tokens(self.signer_func)
 
     def with_signer(self, signer: Callable[[str], str]) -> Provider:
         """This profile with another signer (e.g. :func:`load_signer`'s)."""

@@ -214,7 +214,6 @@ def build_shard(
                     status[i] = layout.STATUS_CODES["failed"]
                     failure[i] = redact_hrefs(f"{type(exc).__name__}: {exc}")[: store.FAILURE_LEN]
                     log.warning("sample %s failed: %s", ids[i], failure[i])
-            del fut
     for i in np.flatnonzero(status == layout.STATUS_CODES["failed"]):
         for m in options.modalities:  # nothing of a failed sample is written as data
             fresh = store.empty_shard(m, [ids[i]])

@@ -473,7 +473,8 @@ def write_shard_arrays(
     Straight through zarr into the template's arrays (whose dtypes and encodings
     :func:`create_store` fixed: ``time_`` as int64 nanoseconds, NaN / NaT as stored), a region
     of whole chunks and shards; the last shard of a store may be short, and only its own task
-    writes it. (xarray's region writes did the same with three times the CPU.)
+    writes it. (xarray's region writes did the same with 1.4x the CPU: 3.4 s against 2.4 s for
+    four shards of the demo, partial moments included.)
     """
     import zarr
 

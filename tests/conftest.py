@@ -70,18 +70,10 @@ TEST_SAMPLING = {"num_locations": 10, "sigma_km": 1.2, "clip_km": 2.4, "seed": 3
 @pytest.fixture(scope="session")
 def demo_tables(stac_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``ssl4eo sample`` + ``ssl4eo search`` on the served test catalog (the real code)."""
-    from pipeline.config import load_config
-    from pipeline.sampling import sample, write_locations
-    from pipeline.search import search_locations
+    from pipeline.demo.serve import sample_and_search
 
     out = tmp_path_factory.mktemp("demo-tables")
-    cfg = load_config("demo", overrides={"sampling": TEST_SAMPLING,
-                                         "search": {"stac_url": stac_api.stac_url}})
-    locations = write_locations(sample(cfg.sampling, progress=False),
-                                out / "locations.parquet", cfg)
-    scenes = out / "scenes.parquet"
-    search_locations(locations, scenes, cfg, progress=False)
-    return {"locations": locations, "scenes": scenes, "dir": out}
+    return {**sample_and_search(stac_api.stac_url, out, TEST_SAMPLING), "dir": out}
 
 
 @pytest.fixture(scope="session")

@@ -885,3 +885,21 @@ def serve_catalog(
         yield served
     finally:
         served.stop()
+
+
+def sample_and_search(stac_url: str, out: Path, sampling: dict[str, Any] | None = None
+                      ) -> dict[str, Path]:
+    """``ssl4eo sample`` then ``ssl4eo search`` of the demo config (``sampling`` overriding its
+    sampling section) against a served catalog, quietly: ``{"locations", "scenes"}`` parquet
+    paths in ``out``. The set-up of the tests and the build / fault benchmarks."""
+    from ..config import load_config
+    from ..sampling import sample, write_locations
+    from ..search import search_locations
+
+    cfg = load_config("demo", overrides={"sampling": dict(sampling or {}),
+                                         "search": {"stac_url": stac_url}})
+    locations = write_locations(sample(cfg.sampling, progress=False),
+                                Path(out) / "locations.parquet", cfg)
+    scenes = Path(out) / "scenes.parquet"
+    search_locations(locations, scenes, cfg, progress=False)
+    return {"locations": locations, "scenes": scenes}
