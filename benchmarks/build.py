@@ -4,8 +4,9 @@ All three cut the same patches (every chosen (location, season, modality) scene 
 locations, every band, warped onto the location's 10 m UTM grid with bilinear resampling) from
 the same COGs over the same loopback HTTP server (Range requests, GDAL /vsicurl/):
 
-* ``pipeline``: ``ssl4eo build`` (``pipeline.runner.run_build``) on a LocalCluster of one
-  single-threaded worker process, i.e. one core, writing the sharded Zarr store;
+* ``pipeline``: ``ssl4eo build`` (``pipeline.runner.run_build``) on the runner's LocalCluster
+  (``pipeline.runner.local_cluster``) of one single-threaded worker process, writing the
+  sharded Zarr store;
 * ``rasterio``: a tight loop that opens each asset and reads the window through a ``WarpedVRT``
   (what GDAL alone costs; no store written) with the same number of read threads;
 * ``odc_stac``: ``odc.stac.load`` of the same items and bands on the same GeoBox, computed with
@@ -127,9 +128,9 @@ def run_odc(scenes_path: Path, locations_path: Path, threads: int) -> dict:
 
 
 def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Path) -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from pipeline.runner import BuildOptions, run_build
+    from pipeline.runner import BuildOptions, local_cluster, run_build
 
     def usage() -> dict:
         import pipeline.cube  # noqa: F401 - the imports a task needs, before the clock starts
@@ -138,8 +139,8 @@ def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Pat
         r = resource.getrusage(resource.RUSAGE_SELF)
         return {"maxrss_kb": r.ru_maxrss, "cpu_s": r.ru_utime + r.ru_stime}
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as lc, Client(lc) as client:
+    # the runner's own LocalCluster (its worker settings included), of one worker process
+    with local_cluster(1, 1, dashboard_address=None) as lc, Client(lc) as client:
         # the worker's CPU for the build alone: its start-up and imports are not build work
         before = list(client.run(usage).values())[0]
         summary = run_build(locations_path, scenes_path, out,

@@ -225,6 +225,27 @@ def test_gdal_settings_on_workers() -> None:
     assert worker["resources"]["requests"]["memory"] == worker["resources"]["limits"]["memory"]
 
 
+def test_workers_have_the_build_worker_settings() -> None:
+    """The Kubernetes workers get the LocalCluster's worker settings, as environment variables."""
+    import dask
+
+    from pipeline.runner import WORKER_CONFIG
+
+    worker = k8s.cluster_spec()["spec"]["worker"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    for key, value in WORKER_CONFIG.items():
+        prefix = "distributed.nanny.pre-spawn-environ."
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+        else:
+            name = "DASK_" + "__".join(part.replace("-", "_").upper() for part in key.split("."))
+        assert name in env, f"deploy/k8s/daskcluster.yaml: the workers lack {name}={value}"
+        assert str(env[name]) == str(value), (name, env[name], value)
+        if not key.startswith(prefix):  # what Dask reads from that variable
+            parsed = dask.config.collect_env({name: env[name]})
+            assert dask.config.get(key, config=parsed) == value
+
+
 def test_deploy_copies_equal_package_specs() -> None:
     """deploy/k8s is what users apply; pipeline/deploy_specs is what the code loads."""
     shipped = sorted(p.name for p in k8s.SPEC_DIR.glob("*.yaml"))
