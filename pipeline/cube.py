@@ -475,8 +475,21 @@ def harmonise_s2(bands: np.ndarray, shift: np.ndarray) -> np.ndarray:
     1..65535 so that a valid pixel never becomes nodata (0) nor wraps; 0 stays 0."""
     if not shift.any():
         return bands
-    wide = bands.astype(np.int32) + shift
-    return np.where(bands != layout.S2_NODATA, wide.clip(1, 65535), 0).astype(np.uint16)
+    # in uint16, without int32 temporaries: min(b, 65535 - s) + s for s > 0, max(b, 1 - s) + s
+    # for s < 0 (equal to clip(b + s, 1, 65535) on valid pixels), then nodata back to 0
+    out = np.empty_like(bands)
+    for t, s in enumerate(np.asarray(shift).reshape(len(bands), -1)[:, 0].tolist()):
+        b, o = bands[t], out[t]
+        if s > 0:
+            np.minimum(b, np.uint16(65535 - s), out=o)
+            o += np.uint16(s)
+        elif s < 0:
+            np.maximum(b, np.uint16(1 - s), out=o)
+            o -= np.uint16(-s)
+        else:
+            o[...] = b
+        np.putmask(o, b == layout.S2_NODATA, 0)
+    return out
 
 
 def s2_valid(bands: np.ndarray, scl: np.ndarray | None = None) -> np.ndarray:

@@ -198,11 +198,16 @@ def build_shard(
             a["x_"][i], a["y_"][i] = grid.x_centres(), grid.y_centres()
     # one cube (location, modality) per thread, each computed with dask's synchronous
     # scheduler: read_threads cubes at once, and each result is copied into the shard (and
-    # dropped) as soon as it is in, so at most read_threads cubes are held besides the shard
+    # dropped) as soon as it is in, so at most read_threads cubes are held besides the shard.
+    # The cubes with the most assets to read start first, so that the shard does not wait for
+    # a long S2 cube started last.
+    scene_counts = ok.groupby(["sample", "modality"]).size().to_dict()
+    jobs = sorted(((i, m) for i in range(len(records)) for m in options.modalities),
+                  key=lambda j: -scene_counts.get((ids[j[0]], j[1]), 0) * _assets_per_scene(j[1]))
     with ThreadPoolExecutor(max(1, options.read_threads),
                             thread_name_prefix="ssl4eo-cube") as pool:
-        futures = {pool.submit(_read_modality, loc, ok, m, options, provider): (i, m)
-                   for i, loc in enumerate(records) for m in options.modalities}
+        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider): (i, m)
+                   for i, m in jobs}
         for fut in as_completed(futures):
             i, m = futures.pop(fut)
             try:
@@ -259,6 +264,11 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     # one dask.compute.
     with cube.gdal_thread_env(options.env_overrides):
         return cubes[modality].compute(scheduler="sync")
+
+
+def _assets_per_scene(modality: str) -> int:
+    """Assets a cube reads per scene: its bands, and SCL for S2 L2A."""
+    return len(layout.BANDS.get(modality, ())) + (modality == layout.S2L2A)
 
 
 def _first_hrefs(scenes) -> list[str]:  # noqa: ANN001

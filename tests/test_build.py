@@ -79,6 +79,46 @@ def test_clean_build_is_complete(clean_store: Path, demo_tables: dict) -> None:
     assert len(stats["S2L2A"]["mean"]) == 12 and all(s > 0 for s in stats["S2L2A"]["std"])
 
 
+def test_band_statistics_equal_a_direct_computation(clean_store: Path) -> None:
+    """The stored mean / std per band are those of every valid pixel of the store (S2: non-zero
+    DNs; S1: finite dB), computed here directly, not from the shards' partial moments."""
+    stats = xr.open_zarr(clean_store).attrs[layout.ATTR_STATS]
+    for modality in ("S2L2A", "S1RTC"):
+        bands = xr.open_zarr(clean_store, group=modality)["bands"].values
+        for b, name in enumerate(layout.BANDS[modality]):
+            v = bands[:, :, b].astype(np.float64)
+            v = v[v != 0] if modality == "S2L2A" else v[np.isfinite(v)]
+            assert stats[modality]["count"][b] == v.size, name
+            np.testing.assert_allclose(stats[modality]["mean"][b], v.mean(), rtol=1e-12)
+            np.testing.assert_allclose(stats[modality]["std"][b], v.std(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("modality", ["S2L2A", "S1RTC"])
+def test_partial_moments_combine_to_the_whole(modality: str) -> None:
+    """Partial moments of shards (blocks with nodata, an empty shard) combine to the mean and
+    std of all valid values."""
+    from pipeline.store import combine_moments, partial_moments
+
+    rng = np.random.default_rng(1)
+    if modality == "S2L2A":
+        data = rng.integers(1, 12000, size=(12, 4, 3, 30, 30)).astype(np.uint16)
+        data[rng.random(data.shape) < 0.2] = 0
+        data[4:8] = 0  # a shard without a valid pixel
+        valid = data != 0
+    else:
+        data = rng.normal(-12, 5, size=(12, 4, 3, 30, 30)).astype(np.float32)
+        data[rng.random(data.shape) < 0.2] = np.nan
+        data[4:8] = np.nan
+        valid = np.isfinite(data)
+    parts = np.stack([partial_moments(data[k:k + 4], modality) for k in range(0, 12, 4)])
+    count, mean, std = combine_moments(parts)
+    for b in range(3):
+        v = data[:, :, b][valid[:, :, b]].astype(np.float64)
+        assert count[b] == v.size
+        np.testing.assert_allclose(mean[b], v.mean(), rtol=1e-12)
+        np.testing.assert_allclose(std[b], v.std(), rtol=1e-9)
+
+
 def test_sigkill_midway_then_resume_equals_clean_run(demo_tables: dict, clean_store: Path,
                                                      tmp_path: Path) -> None:
     store = tmp_path / "cube.zarr"

@@ -135,6 +135,23 @@ def test_offset_conventions(synth: dict) -> None:
     assert ((v11[1, 3] == 0) == (raw_new == 0)).all()
 
 
+@pytest.mark.parametrize("shifts", [(1000, 0), (-1000, 1000), (0, -1000), (0, 0), (1, -1)])
+def test_harmonise_s2_equals_clipped_int_arithmetic(shifts: tuple[int, int]) -> None:
+    """The uint16 kernel equals clip(b + shift, 1, 65535) on valid pixels, 0 on nodata, at
+    the uint16 edges too (no wrap-around, a valid pixel never becomes nodata)."""
+    rng = np.random.default_rng(0)
+    bands = rng.integers(0, 65536, size=(2, 3, 40, 40), dtype=np.uint16)
+    edges = [0, 1, 2, 999, 1000, 1001, 64535, 64536, 65534, 65535]
+    bands[0, 0, 0, :10] = edges
+    bands[1, 2, 1, :10] = edges
+    shift = np.array(shifts, dtype=np.int32).reshape(-1, 1, 1, 1)
+    expected = np.where(bands > 0, np.clip(bands.astype(np.int64) + shift, 1, 65535), 0)
+    got = cube.harmonise_s2(bands, shift)
+    assert got.dtype == np.uint16
+    assert np.array_equal(got, expected)
+    assert np.array_equal(bands[0, 0, 0, :3], [0, 1, 2])  # the input is left as it was
+
+
 def test_s1_db_and_nodata(synth: dict) -> None:
     grid = cube.Grid(32633, (499990.0, 4996600.0, 502630.0, 4999240.0))  # over the nodata edge
     ds = cube.s1_cube(synth["s1"], grid, provider=LOCAL).compute()
