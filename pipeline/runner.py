@@ -364,11 +364,12 @@ def make_client(
 #: variables in deploy/k8s/daskcluster.yaml). Measured with ``perf`` on the build benchmark:
 #:
 #: * malloc: Dask's default ``MALLOC_TRIM_THRESHOLD_=65536`` also pins glibc's mmap threshold at
-#:   128 kB, so every patch-sized buffer (a 264 x 264 band is 139-279 kB; GDAL's warp buffers)
-#:   was a fresh mmap, zero-filled page by page and unmapped again: 16 % of the worker's CPU in
-#:   the kernel (page faults), against 5 % for plain rasterio reads. Buffers up to 4 MiB now
-#:   come from the heap, and free heap above 4 MiB is still given back: the kernel's share fell
-#:   to 8-10 %, the worker's peak memory rose by about 70 MB.
+#:   128 kB, so every patch-sized buffer (a 264 x 264 band is 139-279 kB; GDAL's warp buffers;
+#:   an S2 cube of four seasons is 6.7 MB) was a fresh mmap, zero-filled page by page and
+#:   unmapped again: 16 % of the worker's CPU in the kernel (page faults), against 5 % for
+#:   plain rasterio reads. Buffers up to 8 MiB now come from the heap, and free heap above
+#:   8 MiB is still given back: the kernel's share fell to 8-10 %, the worker's peak memory
+#:   rose by about 80 MB.
 #: * the profiler: Dask samples every task thread's stack every 10 ms on the worker's event
 #:   loop; the build's tasks last seconds, and a sample every 100 ms still fills the
 #:   dashboard's profile. With the 20 ms tick kept, the event loop's CPU fell from 0.7-1.2 s to
@@ -376,8 +377,8 @@ def make_client(
 #:
 #: Variables already in the environment win over these (Dask's own rule).
 WORKER_CONFIG: dict[str, Any] = {
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 4 * 2**20,
-    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 4 * 2**20,
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 8 * 2**20,
+    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 8 * 2**20,
     "distributed.worker.profile.interval": "100ms",
 }
 
@@ -540,7 +541,10 @@ __all__ = ["BuildOptions", "WORKER_CONFIG", "build_shard", "graph_size", "local_
 def _add_cluster_arguments(p: Any) -> None:
     g = p.add_argument_group("Dask cluster")
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                   help="address of an existing Dask scheduler (default: start a LocalCluster)")
+                   help="address of an existing Dask scheduler (default: start a LocalCluster); "
+                   "start its workers with MALLOC_TRIM_THRESHOLD_=8388608 and "
+                   "MALLOC_MMAP_THRESHOLD_=8388608 in their environment, as the local and "
+                   "Kubernetes workers have (pipeline.runner.WORKER_CONFIG)")
     g.add_argument("--cluster", choices=("local", "kubernetes"), default=None,
                    help="local (default): a LocalCluster sized to this machine; kubernetes: a "
                    "DaskCluster through the dask-kubernetes operator, from the same "
