@@ -18,7 +18,8 @@ used (user + system: the reading process for rasterio and odc-stac, after their 
 Dask worker during the build for the pipeline, writing the store included), so the servers'
 share of the machine does not count. The methods take turns over ``--repeat`` rounds and each
 keeps its least CPU (a shared virtual machine's CPU time varies by 20 % from run to run; the
-best round is the closest to the work itself).
+best round is the closest to the work itself). The ratios of each round, and their median, are
+printed as well.
 Prints one JSON object::
 
     python benchmarks/build.py                       # builds a temporary demo catalog
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -280,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ppc = out["patches_per_s_per_core"]
     out["ratio_pipeline_to_rasterio_limit"] = round(ppc["pipeline"] / ppc["rasterio_limit"], 3)
     out["ratio_pipeline_to_odc_stac"] = round(ppc["pipeline"] / ppc["odc_stac"], 3)
+    # the same ratios within each round (the methods ran back to back, so a slow spell of the
+    # machine weighs on all three), and their median: a second view of the same runs, less
+    # at the mercy of one lucky round than the ratio of the best rounds above
+    cpu = out["cpu_s_every_round"]
+    for peer, key in (("rasterio", "rasterio_limit"), ("odc_stac", "odc_stac")):
+        ratios = [round(c_peer / c_pipe, 3) for c_peer, c_pipe in zip(cpu[peer], cpu["pipeline"])]
+        out[f"ratio_pipeline_to_{key}_every_round"] = ratios
+        out[f"ratio_pipeline_to_{key}_median_round"] = round(statistics.median(ratios), 3)
     print(json.dumps(out, indent=2))
     return 0
 
