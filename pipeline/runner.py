@@ -254,7 +254,7 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     cubes = cube.location_cubes(
         loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
         convention=options.convention, env_overrides=options.env_overrides,
-        sign_retries=options.sign_retries,
+        sign_retries=options.sign_retries, time_chunk=None,  # the whole cube, one chunk
     )
     if modality not in cubes:
         return None

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import xarray.testing as xr_testing
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from test_cube_data import REAL, SEASON_DATES, s1_scene, s2_scene
@@ -150,6 +151,18 @@ def test_harmonise_s2_equals_clipped_int_arithmetic(shifts: tuple[int, int]) -> 
     assert got.dtype == np.uint16
     assert np.array_equal(got, expected)
     assert np.array_equal(bands[0, 0, 0, :3], [0, 1, 2])  # the input is left as it was
+
+
+def test_one_chunk_cube_equals_chunk_per_scene(synth: dict) -> None:
+    """The build computes each cube as one dask chunk (``time_chunk=None``); notebooks get a
+    chunk per scene. Both give the same cube, harmonisation of mixed baselines included."""
+    grid = synth["grid"]
+    for make, items in ((cube.s2_cube, synth["s2"]), (cube.s1_cube, synth["s1"])):
+        per_scene = make(items, grid, provider=LOCAL)
+        whole = make(items, grid, provider=LOCAL, time_chunk=None)
+        assert per_scene.bands.data.numblocks[0] == len(items)
+        assert whole.bands.data.numblocks[0] == 1
+        xr_testing.assert_identical(per_scene.compute(), whole.compute())
 
 
 def test_s1_db_and_nodata(synth: dict) -> None:
