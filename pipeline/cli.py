@@ -46,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dask(record: logging.LogRecord) -> bool:
+    """Drop Dask's (``distributed.*``) records below WARNING."""
+    return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Dask sets its own loggers to INFO: a local cluster's start and stop would print 30
+        # lines between the progress bars. Its warnings and errors still show.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_dask)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -148,6 +148,8 @@ def test_sigkill_midway_then_resume_equals_clean_run(demo_tables: dict, clean_st
     rc = subprocess.run(_build_cmd(demo_tables, store, "--workers", "1"), env=env,
                         capture_output=True, text=True, timeout=600)
     assert rc.returncode == 0, rc.stdout + rc.stderr
+    # the local cluster starts and stops quietly (Dask's INFO lines are not printed)
+    assert "INFO distributed" not in rc.stdout + rc.stderr
     assert (read_status(store) == COMPLETE).all()
     assert_same_store(store, clean_store)
 
