@@ -17,7 +17,7 @@ for the pipeline it is the Dask worker's. Patches/s/core divides by the CPU seco
 used (user + system: the reading process for rasterio and odc-stac, after their imports; the
 Dask worker during the build for the pipeline, writing the store included), so the servers'
 share of the machine does not count. The methods take turns over ``--repeat`` rounds and each
-keeps its least CPU (a shared virtual machine's CPU time varies by 20 % from run to run; the
+keeps its least CPU (a shared virtual machine's CPU time varies by 20-30 % from run to run; the
 best round is the closest to the work itself). The ratios of each round, and their median, are
 printed as well.
 Prints one JSON object::

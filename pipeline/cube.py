@@ -547,9 +547,9 @@ def s2_cube(
     all_keys = keys + ([scl_key] if has_scl else [])
     items = prepare_items(parsed, all_keys, grid)
     env = gdal_env(env_overrides)
-    signing = {"sign": provider.signer(), "sign_retries": sign_retries, "time_chunk": time_chunk}
+    reading = {"sign": provider.signer(), "sign_retries": sign_retries, "time_chunk": time_chunk}
     raw = _stack(items, keys, grid, dtype="uint16", fill=np.uint16(0), resampling=resampling,
-                 env=env, **signing).data
+                 env=env, **reading).data
 
     # offset harmonisation: target offset minus the scene's own offset, on valid pixels only
     target = layout.S2_OFFSET_CONVENTIONS[convention]
@@ -562,7 +562,7 @@ def s2_cube(
 
     if has_scl:
         scl = _stack(items, [scl_key], grid, dtype="uint8", fill=np.uint8(0),
-                     resampling="nearest", env=env, **signing).data
+                     resampling="nearest", env=env, **reading).data
         valid = dsa.map_blocks(s2_valid, raw, scl, drop_axis=1, dtype=bool)
         cloud = dsa.map_blocks(s2_cloud, valid[:, None], scl, drop_axis=1, dtype=np.uint8)
     else:
@@ -685,7 +685,8 @@ def linear_to_db(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "GDAL_HTTP_ENV", "CubeEnv", "Grid", "gdal_thread_env", "RetryingRioReader", "clear_http_cache", "gdal_env",
+    "GDAL_HTTP_ENV", "CubeEnv", "Grid", "gdal_thread_env", "RetryingRioReader",
+    "clear_http_cache", "gdal_env",
     "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
     "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db", "harmonise_s2",
     "s2_valid", "s2_cloud", "rtc_to_db",

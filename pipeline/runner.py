@@ -385,6 +385,20 @@ WORKER_CONFIG: dict[str, Any] = {
 }
 
 
+def worker_environment() -> dict[str, str]:
+    """:data:`WORKER_CONFIG` as the environment variables a worker started elsewhere needs
+    (``dask worker`` on another machine, the Kubernetes manifests)."""
+    prefix = "distributed.nanny.pre-spawn-environ."
+    env = {}
+    for key, value in WORKER_CONFIG.items():
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+        else:
+            name = "DASK_" + "__".join(part.replace("-", "_").upper() for part in key.split("."))
+        env[name] = str(value)
+    return env
+
+
 def local_cluster(workers: int, threads: int = 1, *, memory_limit: str | None = None,
                   dashboard_address: str | None = ":0"):  # -> distributed.LocalCluster
     """A LocalCluster of ``workers`` processes x ``threads`` threads with the build's worker
@@ -535,8 +549,8 @@ def graph_size(n_locations: int, shard_samples: int = layout.SHARD_SAMPLES) -> d
             "bytes_per_task": len(pickle.dumps((build_shard, args)))}
 
 
-__all__ = ["BuildOptions", "WORKER_CONFIG", "build_shard", "graph_size", "local_cluster", "make_client", "plan", "run_build",
-           "StoreError"]
+__all__ = ["BuildOptions", "WORKER_CONFIG", "build_shard", "graph_size", "local_cluster",
+           "make_client", "plan", "run_build", "worker_environment", "StoreError"]
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -544,9 +558,10 @@ def _add_cluster_arguments(p: Any) -> None:
     g = p.add_argument_group("Dask cluster")
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                    help="address of an existing Dask scheduler (default: start a LocalCluster); "
-                   "start its workers with MALLOC_TRIM_THRESHOLD_=8388608 and "
-                   "MALLOC_MMAP_THRESHOLD_=8388608 in their environment, as the local and "
-                   "Kubernetes workers have (pipeline.runner.WORKER_CONFIG)")
+                   "start its workers with "
+                   f"{', '.join(f'{k}={v}' for k, v in worker_environment().items())} in their "
+                   "environment, as the "
+                   "local and Kubernetes workers have (pipeline.runner.WORKER_CONFIG)")
     g.add_argument("--cluster", choices=("local", "kubernetes"), default=None,
                    help="local (default): a LocalCluster sized to this machine; kubernetes: a "
                    "DaskCluster through the dask-kubernetes operator, from the same "

@@ -229,21 +229,20 @@ def test_workers_have_the_build_worker_settings() -> None:
     """The Kubernetes workers get the LocalCluster's worker settings, as environment variables."""
     import dask
 
-    from pipeline.runner import WORKER_CONFIG
+    from pipeline.runner import WORKER_CONFIG, worker_environment
 
     worker = k8s.cluster_spec()["spec"]["worker"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in worker["env"]}
-    for key, value in WORKER_CONFIG.items():
-        prefix = "distributed.nanny.pre-spawn-environ."
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-        else:
-            name = "DASK_" + "__".join(part.replace("-", "_").upper() for part in key.split("."))
+    wanted = worker_environment()
+    assert len(wanted) == len(WORKER_CONFIG)
+    for name, value in wanted.items():
         assert name in env, f"deploy/k8s/daskcluster.yaml: the workers lack {name}={value}"
-        assert str(env[name]) == str(value), (name, env[name], value)
-        if not key.startswith(prefix):  # what Dask reads from that variable
-            parsed = dask.config.collect_env({name: env[name]})
-            assert dask.config.get(key, config=parsed) == value
+        assert str(env[name]) == value, (name, env[name], value)
+    # what Dask reads from the DASK_* variables is WORKER_CONFIG's value
+    parsed = dask.config.collect_env({k: v for k, v in env.items() if k.startswith("DASK_")})
+    for key, value in WORKER_CONFIG.items():
+        if not key.startswith("distributed.nanny.pre-spawn-environ."):
+            assert dask.config.get(key, config=parsed) == value, key
 
 
 def test_deploy_copies_equal_package_specs() -> None:
