@@ -251,19 +251,16 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded)."""
     from . import cube
 
+    # computed in this thread (dask's synchronous scheduler, one GDAL environment): the shard
+    # task computes read_threads cubes at once (build_shard). Computing the stackstac arrays,
+    # not the xarray dataset, also keeps clear of dask 2026.8 dropping keys ("Missing
+    # dependency") when several xarray datasets are computed in one dask.compute.
     cubes = cube.location_cubes(
         loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
         convention=options.convention, env_overrides=options.env_overrides,
-        sign_retries=options.sign_retries, time_chunk=None,  # the whole cube, one chunk
+        sign_retries=options.sign_retries, compute=True,
     )
-    if modality not in cubes:
-        return None
-    # synchronous, in this thread, inside one GDAL environment: the shard task computes
-    # read_threads cubes at once (build_shard). One compute per cube also keeps clear of dask
-    # 2026.8 dropping keys ("Missing dependency") when several xarray datasets are computed in
-    # one dask.compute.
-    with cube.gdal_thread_env(options.env_overrides):
-        return cubes[modality].compute(scheduler="sync")
+    return cubes.get(modality)
 
 
 def _assets_per_scene(modality: str) -> int:

@@ -165,6 +165,33 @@ def test_one_chunk_cube_equals_chunk_per_scene(synth: dict) -> None:
         xr_testing.assert_identical(per_scene.compute(), whole.compute())
 
 
+def test_computed_cube_equals_lazy_cube(synth: dict, tmp_path: Path) -> None:
+    """The build's cubes (``compute=True``: stackstac's arrays computed, then the kernels on
+    whole arrays) equal the lazy cubes computed by dask: S2 with and without SCL (mixed
+    baselines), S1, and location_cubes' season coordinate."""
+    import pandas as pd
+    from test_cube_data import synthetic_build_inputs
+
+    grid = synth["grid"]
+    no_scl = [{**it, "assets": {k: a for k, a in it["assets"].items() if k != "SCL"}}
+              for it in synth["s2"]]
+    for make, items in ((cube.s2_cube, synth["s2"]), (cube.s2_cube, no_scl),
+                        (cube.s1_cube, synth["s1"])):
+        computed = make(items, grid, provider=LOCAL, compute=True)
+        assert all(v.chunks is None for v in computed.variables.values())  # numpy, not dask
+        xr_testing.assert_identical(make(items, grid, provider=LOCAL).compute(), computed)
+    assert (cube.s2_cube(no_scl, grid, provider=LOCAL, compute=True).cloud_mask == 255).all()
+
+    loc, sc = synthetic_build_inputs(tmp_path, 1, missing={(0, 1, "S2L2A")})
+    location = pd.read_parquet(loc).iloc[0].to_dict()
+    scenes = pd.read_parquet(sc)
+    lazy = cube.location_cubes(location, scenes, provider=LOCAL)
+    computed = cube.location_cubes(location, scenes, provider=LOCAL, compute=True)
+    assert sorted(lazy) == sorted(computed) == ["S1RTC", "S2L2A"]
+    for m in lazy:
+        xr_testing.assert_identical(lazy[m].compute(), computed[m])
+
+
 def test_s1_db_and_nodata(synth: dict) -> None:
     grid = cube.Grid(32633, (499990.0, 4996600.0, 502630.0, 4999240.0))  # over the nodata edge
     ds = cube.s1_cube(synth["s1"], grid, provider=LOCAL).compute()
