@@ -112,6 +112,13 @@ SCENE_COLUMNS = (
     "item_json",  # the chosen STAC item, JSON text, unsigned hrefs
 )
 
+#: Rows per Parquet row group of the scenes table, which is sorted by sample: a shard task reads
+#: only the groups that hold its samples (:func:`pipeline.runner.read_shard_scenes`). 512 rows
+#: are one default shard (64 samples x 4 seasons x 2 modalities), about 4 MB of item JSON. With
+#: pyarrow's default (1 Mi rows a group), every task of a 250,000-location build would read
+#: and decompress gigabytes of item JSON to use a few megabytes of it.
+SCENES_ROW_GROUP = 512
+
 # -------------------------------------------------------------------------------------- store
 #: Root-group attribute names.
 ATTR_SCHEMA = "ssl4eo:schema_version"

@@ -56,12 +56,14 @@ def write_table(
     provider: str = "",
     complete: bool = True,
     info: dict | None = None,
+    row_group_size: int | None = None,
 ) -> Path:
     """Write a pyarrow table atomically with this package's metadata.
 
     The file is written to ``<path>.partial`` and renamed over ``path`` only once fully written,
     so a run that fails leaves no final file. ``complete=False`` marks a table that holds partial
-    results; :func:`read_table` refuses it unless asked.
+    results; :func:`read_table` refuses it unless asked. ``row_group_size``: rows per Parquet
+    row group (None: pyarrow's default).
     """
     import pyarrow.parquet as pq
 
@@ -80,7 +82,7 @@ def write_table(
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(path.name + ".partial")
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

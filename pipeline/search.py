@@ -44,7 +44,7 @@ import pandas as pd
 
 from .config import Config
 from .errors import ConfigError, SearchError, UserError
-from .layout import S1RTC, SCENE_COLUMNS
+from .layout import S1RTC, SCENE_COLUMNS, SCENES_ROW_GROUP
 from .providers import Provider, provider_from_config
 from .seasons import season_windows
 
@@ -498,14 +498,17 @@ def scenes_from_page(page: dict, modality: str, locations: pd.DataFrame, cfg: Co
 
 # -------------------------------------------------------------------------------- files
 def write_scenes(df: pd.DataFrame, path: str | Path, cfg: Config, info: dict) -> Path:
-    """Write the scenes table atomically (temp file + rename), flagged complete."""
+    """Write the scenes table atomically (temp file + rename), flagged complete, in row groups
+    of :data:`~pipeline.layout.SCENES_ROW_GROUP` rows: ``df`` sorted by sample (as
+    :func:`scenes_frame` makes it), a shard task then reads only its own rows' groups."""
     import pyarrow as pa
 
     from .sampling import write_table
 
     table = pa.Table.from_pandas(df[list(SCENE_COLUMNS)], preserve_index=False)
     return write_table(table, path, "scenes", cfg, f"{info.get('provider')} "
-                       f"{info.get('stac_url')}", True, info)
+                       f"{info.get('stac_url')}", True, info,
+                       row_group_size=SCENES_ROW_GROUP)
 
 
 def read_scenes(path: str | Path, allow_incomplete: bool = False) -> pd.DataFrame:

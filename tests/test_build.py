@@ -267,3 +267,46 @@ def test_half_written_template_is_written_again(tmp_path: Path) -> None:
                               shard_samples=2)
     assert not (tmp_path / "cube.zarr.ssl4eo-creating").exists()
     assert read_status(path).tolist() == [PENDING, PENDING]
+
+
+def test_shard_task_reads_only_its_row_groups(tmp_path: Path) -> None:
+    """The scenes table is written sorted by sample in row groups of SCENES_ROW_GROUP rows; a
+    shard task reads only the groups holding its samples (at 250,000 locations the table holds
+    some 15 GB of item JSON), and gets exactly the rows a full read would give it, also from
+    a table written by another tool (one group, unsorted)."""
+    import random
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from test_cube_data import scene_row
+
+    from pipeline import search
+    from pipeline.runner import SHARD_SCENE_COLUMNS, read_shard_scenes, scene_row_groups
+
+    item = {"id": "S2X", "properties": {"datetime": "2021-06-01T10:00:00Z"}, "assets": {}}
+    rows = [scene_row(f"{i:07d}", season, m, None if (i + season) % 7 == 0 else item)
+            for i in range(300) for season in range(4) for m in ("S1RTC", "S2L2A")]
+    random.Random(0).shuffle(rows)
+    for r in rows:  # the search's own row values: naive UTC times
+        r.update(window_start="2021-01-01", window_end="2022-01-01",
+                 datetime="2021-06-01T10:00:00" if r["status"] == "ok" else None)
+    ours = search.write_scenes(search.scenes_frame(rows), tmp_path / "scenes.parquet", {},
+                               {"provider": "test"})
+    assert pq.ParquetFile(ours).metadata.num_row_groups == -(-2400 // layout.SCENES_ROW_GROUP)
+    foreign = tmp_path / "foreign.parquet"
+    pd.DataFrame(rows).to_parquet(foreign)  # one row group, rows in any order
+    assert pq.ParquetFile(foreign).metadata.num_row_groups == 1
+
+    everything = pd.read_parquet(foreign, columns=list(SHARD_SCENE_COLUMNS))
+    for shard in (0, 1, 4):
+        ids = [f"{i:07d}" for i in range(shard * 64, min(300, (shard + 1) * 64))]
+        groups = scene_row_groups(ours, ids)
+        assert 1 <= len(groups) <= 2, groups
+        want = everything[everything["sample"].isin(ids)]
+        want = want.sort_values(["sample", "season", "modality"]).reset_index(drop=True)
+        for path in (ours, foreign):
+            got = read_shard_scenes(path, ids)
+            got = got.sort_values(["sample", "season", "modality"]).reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    assert scene_row_groups(ours, ["9999999"]) == []
+    assert len(read_shard_scenes(ours, ["9999999"])) == 0
