@@ -9,7 +9,8 @@ Tables
   :data:`LOCATION_COLUMNS`.
 * scenes table (Parquet, written by ``ssl4eo search``): one row per (location, season,
   modality), columns :data:`SCENE_COLUMNS`; the chosen item's full STAC JSON is kept in
-  ``item_json`` (unsigned hrefs), so the build never searches again.
+  ``item_json`` (unsigned hrefs), so the build never searches again. Sorted by sample, in row
+  groups of :data:`SCENES_ROW_GROUP` rows, so that a build task reads only its own rows.
 
 Store
 -----
