@@ -512,7 +512,8 @@ def s2_cloud(valid: np.ndarray, scl: np.ndarray) -> np.ndarray:
 
 
 def s2_unknown_cloud(valid: np.ndarray) -> np.ndarray:
-    """(time, y, x) uint8 cloud mask of a cube without SCL (L1C): unknown (255) everywhere."""
+    """(time, y, x) uint8 cloud mask of a cube without SCL (L1C, or L2A items lacking it):
+    unknown (255) everywhere."""
     return np.full(valid.shape, CLOUD_UNKNOWN, dtype=np.uint8)
 
 
@@ -738,5 +739,5 @@ __all__ = [
     "clear_http_cache", "gdal_env",
     "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
     "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db", "harmonise_s2",
-    "s2_valid", "s2_cloud", "rtc_to_db",
+    "s2_valid", "s2_cloud", "s2_unknown_cloud", "rtc_to_db", "s1_valid",
 ]
