@@ -33,7 +33,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _run_child import print_result, run_child  # noqa: E402 - benchmarks/, beside this script
 
 
 # ------------------------------------------------------------------------------- one method
@@ -180,21 +181,15 @@ def _child(args: argparse.Namespace) -> int:
     out["seconds"] = time.perf_counter() - t0
     out["cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     out["peak_rss_mb"] = r1.ru_maxrss / 1024
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)
     return 0
 
 
 # ------------------------------------------------------------------------------------- main
 def _measure(mode: str, tables: dict, threads: int, store: Path) -> dict:
-    cmd = [sys.executable, __file__, "--mode", mode, "--scenes", str(tables["scenes"]),
-           "--locations", str(tables["locations"]), "--threads", str(threads),
-           "--store", str(store)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    args = ["--mode", mode, "--scenes", str(tables["scenes"]), "--locations",
+            str(tables["locations"]), "--threads", str(threads), "--store", str(store)]
+    return run_child(__file__, args, mode, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _run_child import print_result, run_child  # noqa: E402 - benchmarks/, beside this script
+
 SHARED_STAC = REPO.parent / "shared" / "data" / "stac"
 
 
@@ -109,21 +111,17 @@ def _child(args: argparse.Namespace) -> int:
         df = pd.read_parquet(args.table, filters=[("sample", "in", ids)],
                              columns=list(SHARD_SCENE_COLUMNS))
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    print("RESULT " + json.dumps({
+    print_result({
         "seconds": time.perf_counter() - t0,
         "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
         "peak_rss_mb": _peak_rss_mb(), "rss_before_read_mb": before,
-        "rows": len(df)}))
+        "rows": len(df)})
     return 0
 
 
 def _measure(mode: str, table: Path, first: int) -> dict:
-    cmd = [sys.executable, __file__, "--mode", mode, "--table", str(table), "--first", str(first)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{mode} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_child(__file__, ["--mode", mode, "--table", str(table), "--first", str(first)],
+                     mode)
 
 
 def main(argv: list[str] | None = None) -> int:
