@@ -156,18 +156,19 @@ def check_scenes(path: str | Path) -> Path:
     return _check_table(path, "scenes table", SHARD_SCENE_COLUMNS, "ssl4eo search")
 
 
-def scene_row_groups(path: str | Path, samples: Iterable[str]) -> list[int]:
-    """The row groups of the scenes table that can hold rows of ``samples``, from each group's
-    min/max statistics of ``sample`` (a group without them is always read). The table is sorted
-    by sample in groups of :data:`pipeline.layout.SCENES_ROW_GROUP` rows, so a shard's samples
-    sit in one or two groups."""
+def scene_row_groups(table: Any, samples: Iterable[str]) -> list[int]:
+    """The row groups of the scenes table (a path or an open ``pyarrow.parquet.ParquetFile``)
+    that can hold rows of ``samples``, from each group's min/max statistics of ``sample`` (a
+    group without them is always read). The table is sorted by sample in groups of
+    :data:`pipeline.layout.SCENES_ROW_GROUP` rows, so a shard's samples sit in one or two."""
     import bisect
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     want = sorted(set(map(str, samples)))
-    meta = pq.ParquetFile(path).metadata
+    pf = table if isinstance(table, pq.ParquetFile) else pq.ParquetFile(table)
+    meta = pf.metadata
     schema = meta.schema.to_arrow_schema()
     col = schema.get_field_index("sample")
     if not pa.types.is_string(schema.field(col).type):  # text order is not the stats' order
@@ -188,13 +189,13 @@ def read_shard_scenes(path: str | Path, samples: Sequence[str],
                       columns: Sequence[str] = SHARD_SCENE_COLUMNS):  # -> pd.DataFrame
     """The scenes table's rows of ``samples`` (``columns`` only, ``sample`` as str), reading
     only the row groups that can hold them (:func:`scene_row_groups`): at 250,000 locations the
-    table holds some 15 GB of item JSON, of which a shard uses a few megabytes."""
+    table holds some 16 GB of item JSON, of which a shard uses a few megabytes."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    table = pf.read_row_groups(scene_row_groups(path, samples), columns=list(columns))
+    pf = pq.ParquetFile(path)  # the footer is read once, for the groups and the read
+    table = pf.read_row_groups(scene_row_groups(pf, samples), columns=list(columns))
     table = table.filter(pc.is_in(table["sample"].cast(pa.string()),
                                   value_set=pa.array([str(s) for s in samples], pa.string())))
     df = table.to_pandas()
