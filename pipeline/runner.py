@@ -97,54 +97,64 @@ def _redact(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ inputs
-def _table_version(path: Path) -> str | None:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
+def _table_version(schema) -> str | None:  # noqa: ANN001 - a pyarrow schema
+    meta = schema.metadata or {}
     for key in TABLE_VERSION_KEYS:
         if key in meta:
             return meta[key].decode()
     return None
 
 
-def _check_table(path: str | Path, what: str, columns: Sequence[str], made_by: str) -> Path:
+def _check_table(path: str | Path, what: str, columns: Sequence[str], made_by: str) -> str:
+    """``path`` (a local path or an object-storage URL) after checking that it is a Parquet
+    table with ``columns`` of this schema version; returns it as a string (local paths
+    absolute)."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist; create it with `{made_by}`")
+    from . import storage
+
+    shown = storage.redact(str(path))
+    storage.input_info(path, what, made_by)  # missing / refused: names the URL and the variables
+    fs, where = storage.arrow_filesystem(path)
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(where, filesystem=fs)
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a parquet table"
-        raise UserError(f"{what} {path} is not a readable Parquet file ({exc}); re-create it with"
-                        f" `{made_by}`") from exc
+        raise UserError(f"{what} {shown} is not a readable Parquet file "
+                        f"({storage.redact(str(exc))}); re-create it with `{made_by}`") from exc
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise UserError(
-            f"{what} {path} lacks column(s) {missing} (has {schema.names}); it was written by "
+            f"{what} {shown} lacks column(s) {missing} (has {schema.names}); it was written by "
             f"another version or another tool: re-create it with `{made_by}`"
         )
-    version = _table_version(path)
+    version = _table_version(schema)
     if version is not None and version != layout.SCHEMA_VERSION:
         raise UserError(
-            f"{what} {path} has schema version {version}, this package reads "
+            f"{what} {shown} has schema version {version}, this package reads "
             f"{layout.SCHEMA_VERSION}; re-create it with `{made_by}`"
         )
-    return path
+    return str(path) if storage.is_remote(path) else where
+
+
+#: the locations table's columns the build reads
+LOCATION_COLUMNS = ("sample", "lon", "lat", "epsg", "xmin", "ymin", "xmax", "ymax")
 
 
 def read_locations(path: str | Path):  # -> pd.DataFrame
-    """The locations table (only the columns the build needs), checked."""
+    """The locations table (only the columns the build needs), checked; a path or a URL."""
     import pandas as pd
 
-    cols = ["sample", "lon", "lat", "epsg", "xmin", "ymin", "xmax", "ymax"]
-    path = _check_table(path, "locations table", cols, "ssl4eo sample")
-    df = pd.read_parquet(path, columns=cols)
+    from . import storage
+
+    cols = list(LOCATION_COLUMNS)
+    path = check_locations(path)
+    fs, where = storage.arrow_filesystem(path)
+    df = pd.read_parquet(where, columns=cols, filesystem=fs)
     df["sample"] = df["sample"].astype(str)
     if df["sample"].duplicated().any():
         dup = df["sample"][df["sample"].duplicated()].iloc[0]
-        raise UserError(f"locations table {path} has sample {dup!r} more than once; "
-                        "re-create it with `ssl4eo sample`")
+        raise UserError(f"locations table {storage.redact(str(path))} has sample {dup!r} more "
+                        "than once; re-create it with `ssl4eo sample`")
     return df.reset_index(drop=True)
 
 
@@ -152,7 +162,11 @@ def read_locations(path: str | Path):  # -> pd.DataFrame
 SHARD_SCENE_COLUMNS = ("sample", "season", "modality", "status", "item_id", "item_json")
 
 
-def check_scenes(path: str | Path) -> Path:
+def check_locations(path: str | Path) -> str:
+    return _check_table(path, "locations table", LOCATION_COLUMNS, "ssl4eo sample")
+
+
+def check_scenes(path: str | Path) -> str:
     return _check_table(path, "scenes table", SHARD_SCENE_COLUMNS, "ssl4eo search")
 
 
@@ -167,7 +181,7 @@ def scene_row_groups(table: Any, samples: Iterable[str]) -> list[int]:
     import pyarrow.parquet as pq
 
     want = sorted(set(map(str, samples)))
-    pf = table if isinstance(table, pq.ParquetFile) else pq.ParquetFile(table)
+    pf = table if isinstance(table, pq.ParquetFile) else _parquet_file(table)
     meta = pf.metadata
     schema = meta.schema.to_arrow_schema()
     col = schema.get_field_index("sample")
@@ -185,16 +199,26 @@ def scene_row_groups(table: Any, samples: Iterable[str]) -> list[int]:
     return groups
 
 
+def _parquet_file(path: str | Path):  # -> pq.ParquetFile
+    """An open Parquet file at a local path or URL (remote: range reads through fsspec)."""
+    import pyarrow.parquet as pq
+
+    from . import storage
+
+    fs, where = storage.arrow_filesystem(path)
+    return pq.ParquetFile(where, filesystem=fs)
+
+
 def read_shard_scenes(path: str | Path, samples: Sequence[str],
                       columns: Sequence[str] = SHARD_SCENE_COLUMNS):  # -> pd.DataFrame
     """The scenes table's rows of ``samples`` (``columns`` only, ``sample`` as str), reading
     only the row groups that can hold them (:func:`scene_row_groups`): at 250,000 locations the
-    table holds some 16 GB of item JSON, of which a shard uses a few megabytes."""
+    table holds some 16 GB of item JSON, of which a shard uses a few megabytes. ``path`` may be
+    an object-storage URL: only the footer and those row groups are fetched."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)  # the footer is read once, for the groups and the read
+    pf = _parquet_file(path)  # the footer is read once, for the groups and the read
     table = pf.read_row_groups(scene_row_groups(pf, samples), columns=list(columns))
     table = table.filter(pc.is_in(table["sample"].cast(pa.string()),
                                   value_set=pa.array([str(s) for s in samples], pa.string())))
@@ -206,8 +230,66 @@ def read_shard_scenes(path: str | Path, samples: Sequence[str],
 def scene_modalities(path: str | Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    mods = pq.read_table(path, columns=["modality"]).column("modality").unique().to_pylist()
+    from . import storage
+
+    fs, where = storage.arrow_filesystem(path)
+    mods = (pq.read_table(where, columns=["modality"], filesystem=fs).column("modality")
+            .unique().to_pylist())
     return [m for m in layout.MODALITIES if m in mods]
+
+
+# ------------------------------------------------------------------------ inputs that travel
+def published_url(store_path: str, kind: str, sha256: str) -> str:
+    """Where a build publishes a local input table for workers that cannot see the
+    submitter's disk: beside the store, ``<store>.inputs/<kind>-<sha256[:16]>.parquet``
+    (``s3://b/ssl4eo/cube.zarr`` -> ``s3://b/ssl4eo/cube.zarr.inputs/scenes-....parquet``).
+    Named by content, so a re-run with the same table reuses the copy and a changed table never
+    overwrites the one an earlier build read."""
+    from . import storage
+
+    return storage.join(str(store_path).rstrip("/") + ".inputs", f"{kind}-{sha256[:16]}.parquet")
+
+
+def publish_inputs(tables: Mapping[str, str], store_path: str,
+                   digests: Mapping[str, str]) -> dict[str, str]:
+    """The table URLs the tasks get: a remote table as it is, a local one copied once beside
+    the store (:func:`published_url`; skipped when a copy of that content is already there)."""
+    from . import storage
+
+    out = {}
+    for kind, path in tables.items():
+        if storage.is_remote(path):
+            out[kind] = path
+            continue
+        url = published_url(store_path, kind, digests[kind])
+        size = Path(path).stat().st_size
+        try:
+            there = storage.input_info(url, f"published {kind} table")["size"] == size
+        except StoreError:
+            there = False
+        if not there:
+            storage.upload_file(path, url)
+            log.info("published %s -> %s (%.1f MB)", path, storage.redact(url), size / 1e6)
+        out[kind] = url
+    return out
+
+
+def shard_task_args(store_path: str, tables: Mapping[str, str], shard: int,
+                    options: BuildOptions) -> tuple[Any, ...]:
+    """The arguments of one shard task (:func:`build_shard`): URLs or paths, the shard number
+    and the options; never a credential (workers read theirs from their own environment)."""
+    return (store_path, tables["locations"], tables["scenes"], shard, options)
+
+
+def _needs_published_inputs(client: Any, client_options: Mapping[str, Any] | None) -> bool:
+    """Whether the workers may not see the submitter's disk: an existing scheduler, a
+    Kubernetes cluster, or a client that is not on a LocalCluster of this process."""
+    if client is None:
+        opts = dict(client_options or {})
+        return bool(opts.get("scheduler")) or opts.get("cluster") == "kubernetes"
+    from distributed import LocalCluster
+
+    return not isinstance(getattr(client, "cluster", None), LocalCluster)
 
 
 # -------------------------------------------------------------------------------- shard task
@@ -491,15 +573,17 @@ def run_build(
     from . import storage, store
 
     options = options or BuildOptions()
-    locations, scenes = Path(locations), Path(scenes)
     # tasks get an absolute local path, or the object-storage URL as it is
     store_path = (str(store_path) if storage.is_remote(store_path)
                   else str(storage.local_path(store_path).resolve()))
+    # both tables checked (missing, refused, foreign) before anything is written or submitted
+    locations = check_locations(locations)
+    scenes = check_scenes(scenes)
     locs = read_locations(locations)
-    check_scenes(scenes)
     mods = tuple(options.modalities) or tuple(scene_modalities(scenes))
     if not mods:
-        raise UserError(f"scenes table {scenes} has no rows; run `ssl4eo search` first")
+        raise UserError(f"scenes table {storage.redact(scenes)} has no rows; run `ssl4eo "
+                        "search` first")
     options = BuildOptions(**{**asdict(options), "modalities": mods})
     if options.signer:  # fail here, not in every task, when it cannot be imported
         from .providers import load_signer
@@ -513,11 +597,20 @@ def run_build(
         Grid.from_location(loc)
     if overwrite:
         store.remove_store(store_path)
+    tables = {"locations": locations, "scenes": scenes}
+    # local tables: hashed (provenance, and the published copy's name); remote ones are
+    # identified by their ETag and size, not downloaded for a hash
+    digests = {k: storage.file_sha256(v) for k, v in tables.items() if not storage.is_remote(v)}
+    task_tables = dict(tables)
+    if _needs_published_inputs(client, client_options):
+        # the workers may not see this machine's disk: local tables go beside the store,
+        # and tasks read them there (no credential travels: workers use their own)
+        task_tables = publish_inputs(tables, store_path, digests)
     # provenance: GDAL options may hold credentials (e.g. AWS_SECRET_ACCESS_KEY, in the options
     # and in the config's build section) and URLs user:password@ or tokens: masked before they
     # are written into the store
     prov = store.provenance(_redact(config), options.provider, scenes, locations,
-                            _redact(asdict(options)))
+                            _redact(asdict(options)), digests=digests, task_tables=task_tables)
     created = store.create_store(store_path, list(locs["sample"]), mods, provenance=prov,
                                  shard_samples=options.shard_samples)
     root = store.open_root(store_path)
@@ -537,8 +630,8 @@ def run_build(
                 print(f"ssl4eo build: {len(todo)} shard task(s); dashboard: "
                       f"{client.dashboard_link}", flush=True)
             futures = [
-                client.submit(build_shard, store_path, str(locations.resolve()),
-                              str(scenes.resolve()), k, options, retries=retries, pure=False,
+                client.submit(build_shard, *shard_task_args(store_path, task_tables, k, options),
+                              retries=retries, pure=False,
                               key=f"ssl4eo-shard-{k}-{os.getpid()}-{time.time_ns()}")
                 for k in todo
             ]
@@ -705,8 +798,14 @@ def add_commands(subparsers: Any) -> None:
         "only shards with pending samples are done again.",
     )
     add_config_arguments(p)
-    p.add_argument("--locations", "-l", required=True, help="locations GeoParquet (ssl4eo sample)")
-    p.add_argument("--scenes", "-s", required=True, help="scenes Parquet (ssl4eo search)")
+    p.add_argument("--locations", "-l", required=True,
+                   help="locations GeoParquet (ssl4eo sample): a path or an object-storage URL "
+                   "(s3://, az://, gs://, https://)")
+    p.add_argument("--scenes", "-s", required=True,
+                   help="scenes Parquet (ssl4eo search): a path or a URL. With --scheduler or "
+                   "--cluster kubernetes, whose workers may not see this machine's disk, local "
+                   "tables are first copied beside the store (STORE.inputs/) and the tasks read "
+                   "them there")
     p.add_argument("--store", required=True,
                    help="Zarr store to write: a local path (cube.zarr) or an object-storage URL "
                    "(s3://bucket/cube.zarr, az://container/cube.zarr; credentials from the "
@@ -736,7 +835,10 @@ def add_commands(subparsers: Any) -> None:
         "output exists are reused (--fresh redoes them); the build resumes.",
     )
     add_config_arguments(r)
-    r.add_argument("--out", "-o", required=True, help="output directory")
+    r.add_argument("--out", "-o", required=True,
+                   help="output folder: a local path or an object-storage URL (s3://bucket/run, "
+                   "az://container/run); the tables written there are what a re-run reuses, so "
+                   "a Kubernetes job that is applied again resumes")
     r.add_argument("--store", default=None,
                    help="store path or object-storage URL (default OUT/cube.zarr)")
     r.add_argument("--stac-url", default=None, help="STAC API URL (default: the provider's)")
@@ -816,7 +918,6 @@ def plot_band_stats(stats: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def _cmd_run(args: Any) -> int:
-    import json
 
     from . import sampling, search
     from .config import load_config
@@ -825,31 +926,52 @@ def _cmd_run(args: Any) -> int:
         "sampling": {"num_locations": args.num_locations},
         "search": {"stac_url": args.stac_url, "provider": args.provider},
     })
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    locs_path, scenes_path = out / "locations.parquet", out / "scenes.parquet"
-    store_path = args.store or out / "cube.zarr"
+    from . import storage
+
+    out = str(args.out)
+    if not storage.is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    locs_path = storage.join(out, "locations.parquet")
+    scenes_path = storage.join(out, "scenes.parquet")
+    store_path = args.store or storage.join(out, "cube.zarr")
+    shown = storage.redact(out)
     progress = not args.no_progress
-    if args.fresh or not locs_path.exists():
+    if args.fresh or not storage.exists(locs_path):
         t0 = time.perf_counter()
         gdf = sampling.sample(cfg.sampling, progress=progress)
         sampling.write_locations(gdf, locs_path, cfg, {"seconds": round(time.perf_counter() - t0, 3)})
-        print(f"[sample] {len(gdf)} locations -> {locs_path}", flush=True)
+        print(f"[sample] {len(gdf)} locations -> {storage.redact(locs_path)}", flush=True)
     else:
-        print(f"[sample] reusing {locs_path} (--fresh to redraw)", flush=True)
-    if args.fresh or not scenes_path.exists():
+        print(f"[sample] reusing {storage.redact(locs_path)} (--fresh to redraw)", flush=True)
+    if args.fresh or not storage.exists(scenes_path):
         info = search.search_locations(locs_path, scenes_path, cfg, progress=progress)
-        print(f"[search] {info.get('requests', '?')} requests -> {scenes_path}", flush=True)
+        print(f"[search] {info.get('requests', '?')} requests -> {storage.redact(scenes_path)}",
+              flush=True)
     else:
-        print(f"[search] reusing {scenes_path} (--fresh to search again)", flush=True)
+        print(f"[search] reusing {storage.redact(scenes_path)} (--fresh to search again)",
+              flush=True)
     options, client_options = _build_settings(args, cfg)
     summary = run_build(locs_path, scenes_path, store_path, options=options,
                         client_options=client_options, retries=args.retries,
                         retry_failed=args.retry_failed, overwrite=args.overwrite,
                         config=cfg.to_dict(), progress=progress)
-    (out / "stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if summary["band_stats"]:
-        plot_band_stats(summary["band_stats"], out / "band_stats.png")
+    _write_outputs(out, summary)
     _print_summary(summary)
-    print(f"[stats] {out / 'stats.json'}")
+    print(f"[stats] {storage.join(shown, 'stats.json')}")
     return 0 if summary["status"].get("pending", 0) == 0 else 1
+
+
+def _write_outputs(out: str, summary: Mapping[str, Any]) -> None:
+    """``stats.json`` and ``band_stats.png`` into the run folder (a path or a URL)."""
+    import json
+    import tempfile
+
+    from . import storage
+
+    with tempfile.TemporaryDirectory(prefix="ssl4eo-run-") as tmp:
+        files = [Path(tmp) / "stats.json"]
+        files[0].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if summary["band_stats"]:
+            files.append(plot_band_stats(summary["band_stats"], Path(tmp) / "band_stats.png"))
+        for f in files:
+            storage.upload_file(f, storage.join(out, f.name))

@@ -65,10 +65,12 @@ def write_table(
     results; :func:`read_table` refuses it unless asked. ``row_group_size``: rows per Parquet
     row group (None: pyarrow's default).
     """
+    import tempfile
+
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from . import storage
+
     cfg = config.to_dict() if isinstance(config, Config) else (config or {})
     meta = dict(table.schema.metadata or {})
     meta.update({
@@ -80,6 +82,15 @@ def write_table(
         META_INFO: json.dumps(info or {}, default=str).encode(),
     })
     table = table.replace_schema_metadata(meta)
+    if storage.is_remote(path):
+        # object storage: written here, then one PUT (readers see the whole table or none)
+        with tempfile.TemporaryDirectory(prefix="ssl4eo-table-") as tmpdir:
+            local = Path(tmpdir) / "table.parquet"
+            pq.write_table(table, local, row_group_size=row_group_size)
+            storage.upload_file(local, str(path))
+        return path  # type: ignore[return-value] - the URL as given
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
         pq.write_table(table, tmp, row_group_size=row_group_size)
@@ -91,18 +102,26 @@ def write_table(
 
 
 def table_metadata(path: str | Path) -> dict[str, Any]:
-    """The package metadata of a table file: schema_version, table, config, provider, complete."""
+    """The package metadata of a table file (a local path or an object-storage URL):
+    schema_version, table, config, provider, complete."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
-        hint = " (a .partial file is there: the run that wrote it did not finish)" if path.with_name(
-            path.name + ".partial").exists() else ""
-        raise UserError(f"table {str(path)!r} does not exist{hint}")
+    from . import storage
+
+    if storage.is_remote(path):
+        storage.input_info(path, "table")  # missing / refused: names the URL and variables
+    else:
+        path = Path(path)
+        if not path.is_file():
+            hint = (" (a .partial file is there: the run that wrote it did not finish)"
+                    if path.with_name(path.name + ".partial").exists() else "")
+            raise UserError(f"table {str(path)!r} does not exist{hint}")
+    fs, where = storage.arrow_filesystem(path)
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(where, filesystem=fs).metadata or {}
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UserError(f"{str(path)!r} is not a readable Parquet file: {exc}") from exc
+        raise UserError(f"{storage.redact(str(path))!r} is not a readable Parquet file: "
+                        f"{storage.redact(str(exc))}") from exc
     return {
         "schema_version": meta.get(META_SCHEMA, b"").decode(),
         "table": meta.get(META_TABLE, b"").decode(),
@@ -138,8 +157,11 @@ def read_locations(path: str | Path, allow_incomplete: bool = False):  # -> GeoD
     """Read a locations table (GeoParquet), refusing incomplete or foreign files."""
     import geopandas as gpd
 
+    from . import storage
+
     check_table(path, "locations", allow_incomplete)
-    gdf = gpd.read_parquet(path)
+    fs, where = storage.arrow_filesystem(path)
+    gdf = gpd.read_parquet(where, filesystem=fs)
     missing = [c for c in LOCATION_COLUMNS if c not in gdf.columns]
     if missing:
         raise UserError(f"locations table {str(path)!r} lacks columns {missing}")
@@ -546,7 +568,9 @@ def add_commands(subparsers: Any) -> None:
         description="Draw non-overlapping 2.64 km patch locations and write the locations table.",
     )
     add_config_arguments(p)
-    p.add_argument("--out", "-o", required=True, help="output GeoParquet path")
+    p.add_argument("--out", "-o", required=True,
+                   help="output GeoParquet: a path or an object-storage URL (s3://, az://, gs://;"
+                   " credentials from the environment)")
     p.add_argument("--num-locations", "-n", type=int, default=None, help="locations to draw")
     p.add_argument("--num-cities", type=int, default=None, help="most populous cities to use")
     p.add_argument("--sigma-km", type=float, default=None, help="Gaussian sigma in km")

@@ -513,10 +513,12 @@ def write_scenes(df: pd.DataFrame, path: str | Path, cfg: Config, info: dict) ->
 
 def read_scenes(path: str | Path, allow_incomplete: bool = False) -> pd.DataFrame:
     """Read a scenes table, refusing incomplete or foreign files."""
+    from . import storage
     from .sampling import check_table
 
     check_table(path, "scenes", allow_incomplete)
-    return pd.read_parquet(path)
+    fs, where = storage.arrow_filesystem(path)
+    return pd.read_parquet(where, filesystem=fs)
 
 
 def search_locations(locations_path: str | Path, out: str | Path, cfg: Config,
@@ -541,8 +543,11 @@ def add_commands(subparsers: Any) -> None:
         description="Batched STAC searches for every location's four season windows.",
     )
     add_config_arguments(p)
-    p.add_argument("--locations", "-l", required=True, help="locations GeoParquet (ssl4eo sample)")
-    p.add_argument("--out", "-o", required=True, help="output scenes Parquet path")
+    p.add_argument("--locations", "-l", required=True,
+                   help="locations GeoParquet (ssl4eo sample): a path or an object-storage URL")
+    p.add_argument("--out", "-o", required=True,
+                   help="output scenes Parquet: a path or an object-storage URL (s3://, az://, "
+                   "gs://; credentials from the environment)")
     p.add_argument("--provider", default=None,
                    help="planetary-computer (default), earth-search or local")
     p.add_argument("--stac-url", default=None, help="STAC API URL (default: the provider's)")

@@ -240,3 +240,146 @@ def remove_store(
     fs, path = filesystem(url, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+# --------------------------------------------------------------------------- tables that travel
+#: What to set so that a URL of each scheme can be read, for error messages.
+CREDENTIAL_HELP: dict[str, str] = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary "
+          "credentials, AWS_ENDPOINT_URL for an S3-compatible server such as MinIO, "
+          "SSL4EO_S3_ANON=1 for a public bucket)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
+          "AZURE_STORAGE_CONNECTION_STRING",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS (a service-account key file)",
+    "http": "nothing: give a URL the server answers without credentials (a pre-signed URL works;"
+            " its query is never printed)",
+}
+CREDENTIAL_HELP.update({"s3a": CREDENTIAL_HELP["s3"], "abfs": CREDENTIAL_HELP["az"],
+                        "abfss": CREDENTIAL_HELP["az"], "gcs": CREDENTIAL_HELP["gs"],
+                        "https": CREDENTIAL_HELP["http"]})
+
+
+def credential_help(url: str | os.PathLike[str]) -> str:
+    """The environment variables a reader or writer of ``url`` needs (empty for local paths)."""
+    return CREDENTIAL_HELP.get(scheme(url), "")
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says "no or wrong credentials" (botocore, adlfs, gcsfs, HTTP 401/403)."""
+    names = {type(e).__name__ for e in _chain(exc)}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "ClientAuthenticationError",
+                "PermissionError", "CredentialRetrievalError", "RefreshError"}:
+        return True
+    text = " ".join(str(e) for e in _chain(exc))
+    return bool(re.search(r"\b(401|403)\b|AccessDenied|Forbidden|InvalidAccessKeyId|"
+                          r"SignatureDoesNotMatch|credentials", text, re.I))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        out.append(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def input_error(url: str | os.PathLike[str], what: str, exc: BaseException,
+                made_by: str = "") -> StoreError:
+    """A user-facing error for an input (a table) at ``url`` that cannot be read: it names the
+    URL (redacted), says whether it is missing or refused, and what to set or run."""
+    shown = redact(os.fspath(url))
+    fix = f"; create it with `{made_by}`" if made_by else ""
+    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
+        return StoreError(f"{what} {shown} does not exist{fix}")
+    if is_remote(url) and _is_auth_error(exc):
+        return StoreError(
+            f"{what} {shown} cannot be read with the credentials in this environment "
+            f"({type(exc).__name__}: {redact(str(exc))}); set {credential_help(url)}")
+    return StoreError(f"{what} {shown} cannot be read ({type(exc).__name__}: "
+                      f"{redact(str(exc))}){fix}")
+
+
+def arrow_filesystem(url: str | os.PathLike[str]):  # -> (pyarrow.fs.FileSystem, str)
+    """A pyarrow filesystem and the path in it, for ``pq.ParquetFile(path, filesystem=fs)`` and
+    friends: a local path as it is, a URL through fsspec (range reads, so a build task reads
+    only the row groups it needs of a table in a bucket)."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(url):
+        return pafs.LocalFileSystem(), str(local_path(url).resolve())
+    fs, path = filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def input_info(url: str | os.PathLike[str], what: str, made_by: str = "") -> dict[str, Any]:
+    """Size (and ETag, where the server gives one) of the file at ``url``; a
+    :class:`StoreError` naming the URL and the variables to set when it is missing or refused."""
+    if not is_remote(url):
+        path = local_path(url)
+        if not path.is_file():
+            raise input_error(url, what, FileNotFoundError(str(path)), made_by)
+        return {"size": path.stat().st_size}
+    try:
+        fs, path = filesystem(url)
+        info = fs.info(path)
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every client raises its own types
+        raise input_error(url, what, exc, made_by) from exc
+    if info.get("type") == "directory":
+        fix = f"; create it with `{made_by}`" if made_by else ""
+        raise StoreError(f"{what} {redact(os.fspath(url))} is a folder, not a file{fix}")
+    return {"size": int(info.get("size") or 0), "etag": info.get("ETag") or info.get("etag")}
+
+
+def file_sha256(url: str | os.PathLike[str]) -> str:
+    """SHA-256 of the file at a local path or URL (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if is_remote(url):
+        fs, path = filesystem(url)
+        f = fs.open(path, "rb", block_size=1 << 22)
+    else:
+        f = open(local_path(url), "rb")  # noqa: SIM115 - closed below
+    with f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def upload_file(local: str | os.PathLike[str], url: str) -> str:
+    """Copy a local file to ``url`` (an object PUT is atomic: readers see all of it or none);
+    a local destination is written beside and renamed. Returns ``url``."""
+    import shutil
+
+    if not is_remote(url):
+        dest = local_path(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+        return str(dest)
+    if scheme(url) in READ_ONLY_SCHEMES:
+        raise StoreError(f"{redact(url)} is served over HTTP, which can only be read; publish "
+                         "to object storage (s3://, az://, gs://) or a shared folder instead")
+    fs, path = filesystem(url)
+    try:
+        fs.put_file(os.fspath(local), path)
+    except Exception as exc:  # noqa: BLE001
+        if _is_auth_error(exc):
+            raise StoreError(f"cannot write {redact(url)} with the credentials in this "
+                             f"environment ({type(exc).__name__}); set {credential_help(url)}"
+                             ) from exc
+        raise StoreError(f"cannot write {redact(url)}: {type(exc).__name__}: "
+                         f"{redact(str(exc))}") from exc
+    return url
+
+
+def exists(url: str | os.PathLike[str]) -> bool:
+    """Whether a file exists at a local path or URL (False where it cannot be looked up)."""
+    if not is_remote(url):
+        return local_path(url).exists()
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))

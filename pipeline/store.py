@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -574,16 +573,36 @@ def stored_bytes(path: str | Path) -> int:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file at a local path or URL (:func:`pipeline.storage.file_sha256`)."""
+    from . import storage
+
+    return storage.file_sha256(path)
+
+
+def _table_record(kind: str, path: str | Path, digests: Mapping[str, str] | None,
+                  task_tables: Mapping[str, str] | None) -> dict[str, Any]:
+    from . import storage
+
+    rec: dict[str, Any] = {"path": storage.redact(str(path))}
+    if storage.is_remote(path):
+        info = storage.input_info(path, f"{kind} table")
+        rec.update({k: v for k, v in info.items() if v is not None})
+    else:
+        rec["sha256"] = (digests or {}).get(kind) or storage.file_sha256(path)
+    read_from = (task_tables or {}).get(kind)
+    if read_from and read_from != str(path):
+        rec["tasks_read"] = storage.redact(read_from)
+    return rec
 
 
 def provenance(config: Any, provider: str, scenes_path: str | Path,
-               locations_path: str | Path, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The provenance record written into the root attributes."""
+               locations_path: str | Path, options: Mapping[str, Any], *,
+               digests: Mapping[str, str] | None = None,
+               task_tables: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The provenance record written into the root attributes: each input table's path or URL
+    (redacted), its SHA-256 (local tables; ``digests`` when already computed) or its ETag and
+    size (remote ones, which are not downloaded for a hash), and the URL the tasks read it
+    from when it was published beside the store."""
     import importlib.metadata as md
 
     import rasterio
@@ -604,8 +623,8 @@ def provenance(config: Any, provider: str, scenes_path: str | Path,
         "provider": provider,
         "config": config,
         "options": dict(options),
-        "scenes_table": {"path": str(scenes_path), "sha256": file_sha256(scenes_path)},
-        "locations_table": {"path": str(locations_path), "sha256": file_sha256(locations_path)},
+        "scenes_table": _table_record("scenes", scenes_path, digests, task_tables),
+        "locations_table": _table_record("locations", locations_path, digests, task_tables),
         "versions": versions,
     }
 

@@ -1,0 +1,197 @@
+"""Builds on workers that cannot see the submitter's files, as on Kubernetes or other hosts.
+
+A ``dask scheduler`` and two ``dask worker`` processes run each in its own mount namespace in
+which the whole pytest temporary folder (the tables, the catalog's files, the reference store)
+is covered by an empty tmpfs (:class:`pipeline.demo.isolated.IsolatedCluster`); the store and
+the published tables live in a loopback S3 server (moto); the STAC and asset servers are the
+session's embedded catalog. The submitter is ``ssl4eo build --scheduler ...`` with local
+tables, exactly as a user on a laptop would run it.
+
+* the workers really do not see the tables (asked on every worker);
+* the build completes and its store equals the LocalCluster build bit for bit (every chunk and
+  shard object of every array, besides values through xarray);
+* the tasks read tables published beside the store; no credential is in a task's arguments,
+  the workers' logs or the store;
+* a worker killed with SIGKILL mid-run (with its nanny: nothing restarts it): the build
+  completes on the other one, nothing is lost;
+* bad input: a table URL that does not exist, or no credentials, fails before any task with
+  the URL and the variables to set.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import layout, storage
+from pipeline.demo.isolated import TEST_SECRET_KEY, IsolatedCluster, namespaces_unavailable
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+SSL4EO = [sys.executable, "-m", "pipeline.cli"]
+COMPLETE = layout.STATUS_CODES["complete"]
+BUCKET = "ssl4eo-multi"
+
+_why = namespaces_unavailable()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"no mount namespaces here: {_why}")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from pipeline.demo.isolated import s3_server
+
+    with s3_server(BUCKET) as info:
+        yield info
+
+
+@pytest.fixture
+def cluster(s3, tmp_path_factory: pytest.TempPathFactory):
+    """Scheduler + 2 workers that cannot see anything under pytest's temporary folder."""
+    hidden = tmp_path_factory.getbasetemp()
+    with IsolatedCluster(2, hidden=[hidden]) as c:
+        yield c
+
+
+def _build(tables: dict, store: str, address: str, *extra: str, **kw) -> subprocess.Popen:
+    cmd = [*SSL4EO, "build", "--locations", str(tables["locations"]), "--scenes",
+           str(tables["scenes"]), "--store", store, "--provider", "local", "--shard-samples",
+           "2", "--scheduler", address, "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kw)
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object of a store (relative key -> bytes)."""
+    fs, root = storage.filesystem(url)
+    root = root.rstrip("/")
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def _same_values(remote: str, local: Path) -> None:
+    for group in (None, "S2L2A", "S1RTC"):
+        a = xr.open_zarr(storage.open_store(remote), group=group, consolidated=False)
+        b = xr.open_zarr(local, group=group, consolidated=False)
+        assert sorted(a.data_vars) == sorted(b.data_vars)
+        for name in a.data_vars:
+            assert a[name].dtype == b[name].dtype, name
+            np.testing.assert_array_equal(a[name].values, b[name].values,
+                                          err_msg=f"{group}/{name} differs")
+
+
+def _same_bytes(remote: str, local: Path) -> None:
+    """Bit for bit: every array's chunk/shard objects and metadata identical; only the root
+    group's attributes (provenance: date, table paths) may differ."""
+    got = _objects(remote)
+    want = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if got[k] != want[k]]
+    assert differ in ([], ["zarr.json"]), differ
+
+
+def test_build_on_workers_without_the_submitters_files(demo_tables: dict, clean_store: Path,
+                                                       cluster: IsolatedCluster, s3) -> None:
+    # the isolation is real: the submitter has the tables, no worker does
+    assert Path(demo_tables["locations"]).is_file()
+    seen = cluster.workers_see(demo_tables["locations"])
+    assert len(seen) == 2 and not any(seen.values()), seen
+    assert not any(cluster.workers_see(clean_store).values())
+
+    store = f"s3://{BUCKET}/run-a/cube.zarr"
+    proc = _build(demo_tables, store, cluster.address)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + cluster.logs()
+    st = xr.open_zarr(storage.open_store(store), consolidated=False)["status"].values
+    assert (st == COMPLETE).all()
+    _same_values(store, clean_store)
+    _same_bytes(store, clean_store)
+
+    # the tasks read the tables published beside the store, by content
+    import zarr
+
+    prov = zarr.open_group(storage.open_store(store), mode="r").attrs["ssl4eo:provenance"]
+    for kind in ("locations", "scenes"):
+        rec = prov[f"{kind}_table"]
+        assert rec["tasks_read"].startswith(f"s3://{BUCKET}/run-a/cube.zarr.inputs/{kind}-")
+        assert storage.exists(rec["tasks_read"])
+        assert rec["sha256"].startswith(rec["tasks_read"].rsplit("-", 1)[1][:16])
+    # no credential anywhere: task arguments, worker and scheduler logs, the store's objects
+    from pipeline.runner import BuildOptions, shard_task_args
+
+    args = shard_task_args(store, {k: prov[f"{k}_table"]["tasks_read"]
+                                   for k in ("locations", "scenes")}, 0, BuildOptions())
+    assert all(not isinstance(a, str) or storage.is_remote(a) for a in args)
+    assert TEST_SECRET_KEY.encode() not in pickle.dumps(args)
+    assert TEST_SECRET_KEY not in cluster.logs() + out
+    assert not any(TEST_SECRET_KEY.encode() in v for v in _objects(store).values())
+
+
+def _scheduler_counts(client) -> tuple[int, dict[str, int]]:  # noqa: ANN001
+    """(shard tasks finished, shard tasks processing per worker address)."""
+    done = client.run_on_scheduler(lambda dask_scheduler: sum(
+        ts.state == "memory" for k, ts in dask_scheduler.tasks.items()
+        if str(k).startswith("ssl4eo-shard")))
+    return done, {w: len(keys) for w, keys in client.processing().items()}
+
+
+def test_remote_build_survives_a_dead_worker(demo_tables: dict, clean_store: Path,
+                                             cluster: IsolatedCluster) -> None:
+    from distributed import Client
+
+    store = f"s3://{BUCKET}/run-b/cube.zarr"
+    proc = _build(demo_tables, store, cluster.address)
+    killed = None
+    with Client(cluster.address, timeout="30s") as client:
+        names = {w: info["name"] for w, info in client.scheduler_info()["workers"].items()}
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done, busy = _scheduler_counts(client)
+            victim = [w for w, n in busy.items() if n and names.get(w) == "worker-1"]
+            if done >= 1 and victim:  # mid-run: a shard written, one running on worker-1
+                cluster.kill_worker(1)
+                killed = victim[0]
+                break
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=600)
+        assert killed is not None, "the build ended before a worker could be killed"
+        assert proc.returncode == 0, out + cluster.logs()
+        assert killed not in client.scheduler_info()["workers"]
+    st = xr.open_zarr(storage.open_store(store), consolidated=False)["status"].values
+    assert (st == COMPLETE).all(), st  # nothing lost
+    _same_values(store, clean_store)
+
+
+def test_missing_table_url_fails_before_any_task(demo_tables: dict, s3, tmp_path: Path) -> None:
+    url = f"s3://{BUCKET}/nowhere/scenes.parquet"
+    store = f"s3://{BUCKET}/run-c/cube.zarr"
+    rc = subprocess.run([*SSL4EO, "build", "--locations", str(demo_tables["locations"]),
+                         "--scenes", url, "--store", store, "--scheduler", "tcp://127.0.0.1:9",
+                         "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert rc.returncode == 2, rc.stdout + rc.stderr
+    assert f"scenes table {url} does not exist" in rc.stderr
+    assert "Traceback" not in rc.stderr
+    assert not storage.exists(f"{store}/zarr.json")  # nothing written
+
+
+def test_table_url_without_credentials(demo_tables: dict, s3, tmp_path: Path) -> None:
+    url = f"s3://{BUCKET}/inputs/scenes.parquet"
+    storage.upload_file(demo_tables["scenes"], url)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")  # no ~/.aws fallback
+    env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
+    rc = subprocess.run([*SSL4EO, "build", "--locations", str(demo_tables["locations"]),
+                         "--scenes", url, "--store", str(tmp_path / "cube.zarr"),
+                         "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
+    assert rc.returncode == 2, rc.stdout + rc.stderr
+    assert url in rc.stderr and "AWS_ACCESS_KEY_ID" in rc.stderr, rc.stderr
+    assert "Traceback" not in rc.stderr
+    assert not (tmp_path / "cube.zarr").exists()
