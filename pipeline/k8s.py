@@ -222,6 +222,7 @@ def render_manifests(
     image: str | None = None,
     train_image: str | None = None,
     store: str | None = None,
+    run_url: str | None = None,
     namespace: str | None = None,
     n_workers: int | None = None,
     minimum: int | None = None,
@@ -231,10 +232,26 @@ def render_manifests(
     """All manifests with a user's settings: {filename: documents}.
 
     ``image`` replaces the Dask and build images, ``train_image`` the training image, ``store``
-    the store URL of the build and training commands, ``gpus`` the GPUs of the training Job
-    (and torchrun's ``--nproc-per-node``), ``n_workers`` / ``minimum`` / ``maximum`` the worker
-    counts, ``namespace`` is set on every resource.
+    the store URL of the build and training commands, ``run_url`` the build job's ``--out``
+    (where it writes the locations and scenes tables the workers read; default: ``run`` beside
+    the store, :func:`default_run_url`), ``gpus`` the GPUs of the training Job (and torchrun's
+    ``--nproc-per-node``), ``n_workers`` / ``minimum`` / ``maximum`` the worker counts,
+    ``namespace`` is set on every resource. ``store`` and ``run_url`` must be object-storage
+    URLs: the pods share no disk.
     """
+    from . import storage
+
+    for what, url in (("--store", store), ("--run-url", run_url)):
+        if url is not None and not storage.is_remote(url):
+            raise UserError(
+                f"{what} {url!r} is a local path, but the job pod and the worker pods share no "
+                "disk: give an object-storage URL (s3://bucket/ssl4eo/cube.zarr, az://..., "
+                "gs://...)")
+        if url is not None and storage.scheme(url) in storage.READ_ONLY_SCHEMES:
+            raise UserError(f"{what} {storage.redact(url)!r} is served over HTTP, which can only "
+                            "be read: give an s3://, az:// or gs:// URL")
+    if run_url is None and store is not None:
+        run_url = default_run_url(store)
     out: dict[str, list[dict[str, Any]]] = {}
     for filename in MANIFEST_FILES:
         docs = load_manifests(filename)
@@ -259,6 +276,8 @@ def render_manifests(
                         container["image"] = image
                     if store:
                         _replace_flag(container["args"], "--store", store)
+                    if run_url:
+                        _replace_flag(container["args"], "--out", run_url)
             elif kind == "Job":
                 pod = doc["spec"]["template"]["spec"]
                 for container in pod["containers"]:
@@ -274,6 +293,13 @@ def render_manifests(
                         args[i] = f"--nproc-per-node={gpus}"
         out[filename] = docs
     return out
+
+
+def default_run_url(store: str) -> str:
+    """The build job's ``--out`` for a store URL: a ``run`` folder beside the store
+    (``s3://b/ssl4eo-s12/cube.zarr`` -> ``s3://b/ssl4eo-s12/run``)."""
+    head, _, _ = store.rstrip("/").rpartition("/")
+    return f"{head}/run"
 
 
 def write_manifests(out_dir: str | Path, manifests: Mapping[str, list[dict[str, Any]]]) -> list[Path]:
@@ -295,7 +321,7 @@ def write_manifests(out_dir: str | Path, manifests: Mapping[str, list[dict[str, 
 def _cmd_manifests(args: argparse.Namespace) -> int:
     manifests = render_manifests(
         image=args.image, train_image=args.train_image, store=args.store,
-        namespace=args.namespace, n_workers=args.workers, minimum=args.min_workers,
+        run_url=args.run_url, namespace=args.namespace, n_workers=args.workers, minimum=args.min_workers,
         maximum=args.max_workers, gpus=args.gpus,
     )
     for path in write_manifests(args.out, manifests):
@@ -324,7 +350,13 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", "-o", required=True, help="folder to write the manifests to")
     p.add_argument("--image", default=None, help="container image for Dask and the build job")
     p.add_argument("--train-image", default=None, help="container image for the training Job")
-    p.add_argument("--store", default=None, help="store URL (s3://bucket/cube.zarr, az://...)")
+    p.add_argument("--store", default=None,
+                   help="store URL of the build and training (s3://bucket/ssl4eo/cube.zarr, "
+                   "az://..., gs://...; object storage: the pods share no disk)")
+    p.add_argument("--run-url", default=None,
+                   help="object-storage folder where the build job writes its locations and "
+                   "scenes tables, which the workers read and a re-applied job reuses "
+                   "(default: `run` beside --store)")
     p.add_argument("--namespace", default=None, help="namespace to set on every resource")
     p.add_argument("--workers", type=int, default=None, help="initial Dask workers")
     p.add_argument("--min-workers", type=int, default=None, help="adaptive scaling minimum")

@@ -358,6 +358,35 @@ def test_build_job_command_parses() -> None:
     assert callable(parsed.func)
 
 
+def _job_args(manifests: dict[str, list[dict[str, Any]]] | None = None) -> Any:
+    docs = manifests["daskjob.yaml"] if manifests else [d for _, d in _all_docs()]
+    job = next(d for d in docs if d["kind"] == "DaskJob")
+    args = job["spec"]["job"]["spec"]["containers"][0]["args"]
+    return _parser_or_skip("run").parse_args(
+        [a.replace("$(DASK_SCHEDULER_ADDRESS)", "tcp://sched:8786") for a in args])
+
+
+def test_build_job_hands_workers_only_object_storage_urls() -> None:
+    """The job pod and the worker pods share no disk: what the job writes for the workers (the
+    tables under --out) and the store must be object storage, shipped and rendered."""
+    from pipeline import storage
+    from pipeline.errors import UserError
+
+    for parsed in (_job_args(), _job_args(k8s.render_manifests(store="gs://bkt/eo/cube.zarr"))):
+        assert parsed.scheduler == "tcp://sched:8786"
+        for url in (parsed.store, parsed.out, storage.join(parsed.out, "locations.parquet"),
+                    storage.join(parsed.out, "scenes.parquet")):
+            assert storage.is_remote(url) and storage.scheme(url) not in ("http", "https"), url
+    rendered = _job_args(k8s.render_manifests(store="gs://bkt/eo/cube.zarr"))
+    assert (rendered.store, rendered.out) == ("gs://bkt/eo/cube.zarr", "gs://bkt/eo/run")
+    custom = _job_args(k8s.render_manifests(store="s3://a/cube.zarr", run_url="s3://b/tables"))
+    assert custom.out == "s3://b/tables"
+    for bad in ({"store": "/data/cube.zarr"}, {"store": "s3://a/c.zarr", "run_url": "/tmp/x"},
+                {"store": "https://host/cube.zarr"}):
+        with pytest.raises(UserError, match="object-storage URL|only be read"):
+            k8s.render_manifests(**bad)
+
+
 def test_training_job_command_parses() -> None:
     job = next(d for _, d in _all_docs() if d["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
