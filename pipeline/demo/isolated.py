@@ -72,9 +72,12 @@ def s3_server(bucket: str = "ssl4eo-test") -> Iterator[dict[str, str]]:
     environment points S3 clients at it (and is restored afterwards). Yields
     ``{"endpoint", "bucket"}``. Instance-metadata lookups are switched off, so a client without
     credentials fails at once instead of asking a cloud metadata address."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -231,5 +234,21 @@ class IsolatedCluster:
                          for f in files if f.exists())
 
 
-__all__ = ["IsolatedCluster", "TEST_ACCESS_KEY", "TEST_SECRET_KEY", "namespaces_unavailable",
+def store_objects(url: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file or object of a store at a path or URL: relative key -> bytes."""
+    from .. import storage
+
+    fs, root = storage.filesystem(url)
+    root = root.rstrip("/")
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def differing_objects(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
+    """Keys whose bytes differ between two stores (or exist in one only), sorted. Two builds
+    of the same tables differ only in the root ``zarr.json`` (its provenance: date, paths)."""
+    oa, ob = store_objects(a), store_objects(b)
+    return sorted(k for k in set(oa) | set(ob) if oa.get(k) != ob.get(k))
+
+
+__all__ = ["IsolatedCluster", "differing_objects", "store_objects", "TEST_ACCESS_KEY", "TEST_SECRET_KEY", "namespaces_unavailable",
            "s3_server"]
