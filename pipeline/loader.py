@@ -5,11 +5,13 @@ Two datasets share one sample builder:
 * :class:`ZarrPatchDataset`: map-style. One item = one location (a complete sample), read
   chunk by chunk (one inner chunk per (sample, season, modality)). Use it with any sampler,
   ``DistributedSampler`` included.
-* :class:`ZarrShardStream`: iterable. Reads whole shards (one read per shard per modality) in a
-  shuffled order, mixes samples through a shuffle buffer and splits the shards over ranks and
-  DataLoader workers, so that every complete sample is served exactly once per epoch; the
-  order is a function of ``seed`` and the epoch. Made for object storage, where a shard is one
-  large GET instead of many small ones.
+* :class:`ZarrShardStream`: iterable. Reads shards (one read per shard per modality) in a
+  shuffled order, mixes samples through a shuffle buffer and splits them over ranks and
+  DataLoader workers; by default (``even="pad"``) every rank gets the same number of samples
+  (a few repeated when the count does not divide), as DDP needs, with ``even="none"`` every
+  complete sample is served exactly once per epoch; the order is a function of ``seed`` and
+  the epoch. Made for object storage, where a shard is one large GET instead of many small
+  ones.
 
 Items are dicts. Season modes (``seasons=``):
 
@@ -83,6 +85,7 @@ log = logging.getLogger(__name__)
 SeasonMode = int | Literal["all", "random", "augment"]
 Normalize = bool | Literal["store"] | Mapping[str, Any]
 Output = Literal["float32", "raw"]
+Even = Literal["pad", "drop", "none"]
 
 __all__ = [
     "CorruptSampleError",
@@ -971,38 +974,61 @@ class ZarrPatchDataset(_StoreSamples, Dataset):
 
 # ---------------------------------------------------------------------------- streaming
 class ZarrShardStream(_StoreSamples, IterableDataset):
-    """Iterable dataset that streams whole shards, shuffled, split over ranks and workers.
+    """Iterable dataset that streams shards, shuffled, split over ranks and workers.
 
     Each epoch the shards that hold servable samples are put in an order drawn from
-    ``(seed, epoch)`` (``shuffle=True``), split over ranks with near-equal sample counts
-    (:func:`partition_shards`), and each rank's shards over its DataLoader workers the same
-    way. A worker reads each of its shards with one read per modality (all seasons, or only
-    the fixed season), passes the samples through a shuffle buffer of ``buffer_size`` and
-    yields items. Every servable sample is therefore yielded exactly once per epoch over all
-    ranks and workers. Ranks can get a few samples more or fewer than one another (a shard is
-    never split); :meth:`rank_lengths` gives the counts, and ``len()`` this rank's.
+    ``(seed, epoch)`` (``shuffle=True``). How that order is split over ranks is ``even``:
 
-    ``rank``/``world_size`` default to ``torch.distributed`` when it is initialised, else 0/1.
+    * ``"pad"`` (the default): the servable samples of the shards, in that order, form one
+      sequence of ``N`` samples, padded by repeating it from its start to a multiple of the
+      world size; rank ``r`` takes the ``r``-th contiguous piece of ``ceil(N / world)``
+      samples (as ``DistributedSampler(drop_last=False)``). Every rank yields the same number
+      of samples, every servable sample at least once per epoch over all ranks, and
+      ``world * ceil(N / world) - N`` of them twice (never twice on one rank).
+    * ``"drop"``: the sequence is cut to a multiple of the world size instead; every rank
+      yields ``floor(N / world)`` samples, each sample at most once per epoch (the ``N % world``
+      dropped ones are the end of that epoch's order).
+    * ``"none"``: whole shards are split over ranks with near-equal sample counts
+      (:func:`partition_shards`), and each rank's shards over its workers the same way: every
+      servable sample exactly once per epoch, but ranks can get a few samples more or fewer than
+      one another (a shard is never split), so ``torchrun`` training on it can hang on an
+      uneven last step. For a single process or offline passes over the data.
+
+    With ``world_size == 1`` nothing is padded or dropped: every sample exactly once. Equal
+    counts are what DDP needs: every rank takes the same number of optimizer steps (and
+    all-reduces). With ``"pad"``/``"drop"`` a rank's piece is split over its DataLoader workers
+    in contiguous parts of ``np.array_split`` sizes, which are then the same on every rank, so
+    ``DataLoader(stream, batch_size=B, num_workers=W)`` (each worker collates its own batches)
+    also gives every rank the same number of batches: :meth:`num_batches`. A rank reads its
+    piece shard by shard (at most two partial shards, at its ends), with one read per shard
+    and modality of the rows it needs (all seasons, or only the fixed season), passes the
+    samples through a shuffle buffer of ``buffer_size`` and yields items. :meth:`plan` gives
+    the rows of every rank and worker, :meth:`rank_lengths` the counts, ``len()`` this rank's.
+
+    ``rank``/``world_size`` default to ``torch.distributed`` when it is initialised, else 0/1
+    (a copy sent to DataLoader workers, which have no process group, takes the sender's).
     The epoch: :meth:`set_epoch` sets it; a dataset copy also advances it by one after each
     full pass, so persistent workers move on to the next epoch by themselves.
 
     **Batches** (``batch_size=B``): the stream yields ready batches, to be used with
     ``DataLoader(stream, batch_size=None, ...)``; ``len()`` is then this rank's number of
-    batches. This is the fast path for training: each batch is one array per output, allocated
+    batches (``ceil(samples / B)``, the same on every rank unless ``even="none"``). This is the
+    fast path for training: each batch is one array per output, allocated
     in shared memory when read in a DataLoader worker and filled in place (each chunk of a
     store in the pipeline's layout decompressed straight into its place by
     :class:`_ShardReader`; other stores through zarr, runs of consecutive store rows with one
     slice each), so there is no per-sample collate copy and no temporary per sample or shard.
     With ``output="raw"`` (see the module doc) the workers only decode, and
     :class:`StoreNormalize` normalises the batch on the GPU; ``output="float32"`` batches are
-    normalised in the workers. The order: this rank's shards (the same split over ranks as
-    above) are taken in windows of whole shards holding at least ``buffer_size`` samples, the
-    samples of a window are permuted (``shuffle=True``; the window holds row numbers, not
-    data, so a large ``buffer_size`` costs no memory) and the sequence is cut into batches of
-    ``B`` (the rank's last batch may be smaller); batch ``j`` is read by DataLoader worker
-    ``j % num_workers``, so the DataLoader yields the batches in that order whatever the number
-    of workers: a function of ``(seed, epoch, rank)`` only. Every servable sample is in exactly
-    one batch per epoch over all ranks and workers. Within a batch, samples are in store order.
+    normalised in the workers. The order: this rank's samples (the same split over ranks as
+    above), grouped by shard, are taken in windows of whole groups holding at least
+    ``buffer_size`` samples, the samples of a window are permuted (``shuffle=True``; the
+    window holds row numbers, not data, so a large ``buffer_size`` costs no memory) and the
+    sequence is cut into batches of ``B`` (the rank's last batch may be smaller); batch ``j``
+    is read by DataLoader worker ``j % num_workers``, so the DataLoader yields the batches in
+    that order whatever the number of workers: a function of ``(seed, epoch, rank)`` only.
+    Each sample of the rank's piece is in exactly one of its batches. Within a batch, samples
+    are in store order.
     Batch items have the collated form: ``image`` [B, C, H, W] (``"all"``: [B, T, C, H, W]),
     ``views`` a list of [B, C, H, W]; metadata ``sample`` (list), ``index``, ``seasons`` [B, S],
     ``time`` (``{modality: [B, S]}``), ``lat``, ``lon`` (tensors) and ``bands`` (one list for the
@@ -1038,7 +1064,10 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         storage_options: Mapping[str, Any] | None = None,
         output: Output = "float32",
         batch_size: int | None = None,
+        even: Even = "pad",
     ) -> None:
+        if even not in ("pad", "drop", "none"):
+            raise ValueError(f"even must be 'pad', 'drop' or 'none', not {even!r}")
         super().__init__(
             store, modalities, stack, seasons, num_views, normalize, transform, seed,
             return_metadata, min_seasons=min_seasons, fill_nodata=fill_nodata,
@@ -1070,6 +1099,7 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
             raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
         self.shuffle = shuffle
+        self.even = even
         self.buffer_size = int(buffer_size)
         self.epoch = int(epoch)
         self._passes = 0
@@ -1088,46 +1118,119 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         self.epoch = int(epoch)
         self._passes = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self.world_size is None and self._dist_world() is not None:
+            # a DataLoader worker has no process group: give the copy this process's rank
+            state["rank"], state["world_size"] = self._dist_world()
+        return state
+
     @property
     def num_shards(self) -> int:
         """Shards that hold at least one servable sample."""
         return len(self._shards)
 
+    @staticmethod
+    def _dist_world() -> tuple[int, int] | None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return None
+
     def _world(self) -> tuple[int, int]:
         if self.world_size is not None:
             return int(self.rank), int(self.world_size)  # type: ignore[arg-type]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return self._dist_world() or (0, 1)
 
     def _effective_epoch(self) -> int:
         return self.epoch + self._passes
 
-    def plan(self, epoch: int | None = None, num_workers: int = 1) -> list[list[list[int]]]:
-        """Shard numbers (positions in the list of servable shards) per rank and worker."""
-        epoch = self._effective_epoch() if epoch is None else epoch
-        _, world = self._world()
-        counts = [len(s[2]) for s in self._shards]
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        """Positions in the list of servable shards, in the order of ``epoch``."""
         order = np.arange(len(self._shards))
         if self.shuffle:
             order = np.random.default_rng(_mix(self.seed or 0, epoch, 0x5EED)).permutation(order)
-        out = []
-        for shards in partition_shards(counts, order, world):
-            out.append(partition_shards(counts, shards, max(num_workers, 1)))
-        return out
+        return order
+
+    def _rows_of(self, shards: Sequence[int]) -> np.ndarray:
+        rows = [self._shards[s][2] for s in shards]
+        return np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64)
+
+    def plan(self, epoch: int | None = None, num_workers: int = 1) -> list[list[np.ndarray]]:
+        """Store rows per rank and DataLoader worker in ``epoch`` (default: the current one).
+
+        ``plan(epoch, W)[r][w]`` are the rows that worker ``w`` of rank ``r`` reads, in reading
+        order (before the shuffle buffer), grouped by shard. ``"pad"``/``"drop"``: the epoch's
+        sequence (servable rows of the shards in the drawn order) padded cyclically or cut to a
+        multiple of the world size, rank ``r`` its ``r``-th contiguous piece, split over the
+        workers in contiguous ``np.array_split`` parts (so every rank's worker sizes are the
+        same). ``"none"``: whole shards per rank and worker (:func:`partition_shards`).
+        """
+        epoch = self._effective_epoch() if epoch is None else epoch
+        _, world = self._world()
+        workers = max(int(num_workers), 1)
+        order = self._shard_order(epoch)
+        if self.even == "none":
+            counts = [len(s[2]) for s in self._shards]
+            return [
+                [self._rows_of(w) for w in partition_shards(counts, shards, workers)]
+                for shards in partition_shards(counts, order, world)
+            ]
+        seq = self._rows_of(order)
+        n = len(seq)
+        per = -(-n // world) if self.even == "pad" else n // world
+        if per * world > n:
+            seq = np.resize(seq, per * world)  # repeats the sequence from its start
+        return [np.array_split(seq[r * per : (r + 1) * per], workers) for r in range(world)]
 
     def rank_lengths(self, epoch: int | None = None) -> list[int]:
-        """Samples each rank yields in ``epoch`` (default: the current one)."""
-        return [
-            sum(len(self._shards[s][2]) for w in workers for s in w)
-            for workers in self.plan(epoch)
-        ]
+        """Samples each rank yields in ``epoch`` (default: the current one); all equal unless
+        ``even="none"`` (and ``world_size > 1``)."""
+        return [sum(len(w) for w in workers) for workers in self.plan(epoch)]
 
     def __len__(self) -> int:
         """Samples this rank yields in the current epoch; batches with ``batch_size``."""
         rank, _ = self._world()
         n = self.rank_lengths()[rank]
         return n if self.batch_size is None else -(-n // self.batch_size)
+
+    def num_batches(
+        self,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        *,
+        drop_last: bool = False,
+        epoch: int | None = None,
+    ) -> int:
+        """Batches this rank's ``DataLoader`` yields in ``epoch`` (default: the current one).
+
+        Per-sample stream: ``DataLoader(stream, batch_size=batch_size, num_workers=..,
+        drop_last=..)``, where every worker collates its own samples, so the count is the sum
+        over workers of ``ceil(n_worker / batch_size)`` (``floor`` with ``drop_last``), not
+        ``ceil(len() / batch_size)``; the same on every rank unless ``even="none"``. A stream
+        made with ``batch_size`` yields batches itself (``DataLoader(batch_size=None)``): leave
+        ``batch_size`` out; the count is ``len()`` of ``epoch``.
+        """
+        rank, _ = self._world()
+        if self.batch_size is not None:
+            if batch_size is not None:
+                raise ValueError(
+                    "this stream yields batches of its own batch_size; use it with "
+                    "DataLoader(batch_size=None) and call num_batches() without batch_size"
+                )
+            return -(-self.rank_lengths(epoch)[rank] // self.batch_size)
+        if batch_size is None or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+        sizes = [len(w) for w in self.plan(epoch, num_workers)[rank]]
+        if drop_last:
+            return sum(n // batch_size for n in sizes)
+        return sum(-(-n // batch_size) for n in sizes)
+
+    def _runs(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` cut where the shard changes: one read each."""
+        if len(rows) == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(rows // self.shard_samples)) + 1
+        return np.split(rows, cuts)
 
     def _read_shard(self, start: int, stop: int) -> dict[str, np.ndarray]:
         arrays = self._bands()
@@ -1163,8 +1266,8 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
         mine = self.plan(epoch, nworkers)[rank][wid]
         rng = np.random.default_rng(_mix(self.seed or 0, epoch, rank, wid, 0xB0FF))
         buffer: list[tuple[int, dict[str, np.ndarray]]] = []
-        for s in mine:
-            start, stop, rows = self._shards[s]
+        for rows in self._runs(mine):  # the rows of one shard: one read of the range they span
+            start, stop = int(rows.min()), int(rows.max()) + 1
             data = self._read_shard(start, stop)
             for i in rows:
                 buffer.append((int(i), {m: data[m][i - start].copy() for m in data}))
@@ -1178,9 +1281,10 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
     def batch_plan(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's batches in ``epoch`` (default: the current one), as sorted store rows.
 
-        Windows of whole shards (in :meth:`plan` order) holding at least ``buffer_size``
-        samples are permuted (``shuffle=True``) and the sequence is cut into ``batch_size``
-        pieces. Needs ``batch_size``.
+        The rank's rows (:meth:`plan`, grouped by shard) are taken in windows of whole groups
+        holding at least ``buffer_size`` samples, each window is permuted (``shuffle=True``) and
+        the sequence is cut into ``batch_size`` pieces: ``ceil(rank_lengths()[rank] /
+        batch_size)`` batches. Needs ``batch_size``.
         """
         if self.batch_size is None:
             raise ValueError("batch_plan needs a stream made with batch_size")
@@ -1196,10 +1300,13 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
                 pieces.append(rng.permutation(rows) if self.shuffle else rows)
                 window.clear()
 
-        for s in self.plan(epoch, 1)[rank][0]:
-            window.append(self._shards[s][2])
-            if sum(len(w) for w in window) >= self.buffer_size:
+        held = 0
+        for rows in self._runs(self.plan(epoch, 1)[rank][0]):
+            window.append(rows)
+            held += len(rows)
+            if held >= self.buffer_size:
                 flush()
+                held = 0
         flush()
         order = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
         b = self.batch_size
@@ -1386,7 +1493,8 @@ class ZarrShardStream(_StoreSamples, IterableDataset):
     def __repr__(self) -> str:
         return (
             f"ZarrShardStream({_display(self.url)!r}, modalities={self.modalities}, "
-            f"seasons={self.seasons!r}, samples={len(self._eligible)}, shards={self.num_shards})"
+            f"seasons={self.seasons!r}, samples={len(self._eligible)}, shards={self.num_shards}, "
+            f"even={self.even!r})"
         )
 
 

@@ -235,6 +235,138 @@ def test_stream_rank_lengths(store: Path) -> None:
         ZarrShardStream(store, S2, rank=2, world_size=2)
 
 
+# ------------------------------------------------------------- even ranks (for DDP)
+ODD_STATUS = {3: "failed", 9: "pending"}  # of 23: 21 servable, shards of 3, 4, 3, 4, 4, 3
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("loader-odd") / "cube.zarr"
+    return write_store(path, 23, (S2,), size=8, shard_samples=4, status=ODD_STATUS)
+
+
+def _ranks(store: Path, world: int, **kw: object) -> list[ZarrShardStream]:
+    return [ZarrShardStream(store, S2, **kw, rank=r, world_size=world) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_stream_even_modes_over_ranks(odd_store: Path, world: int) -> None:
+    """pad: ceil(N/world) on every rank, every sample served; drop: floor(N/world), none
+    twice; none: whole shards, exactly once, uneven. Per-sample and batches alike."""
+    ids = [layout.sample_id(i) for i in range(23) if i not in ODD_STATUS]
+    n = len(ids)
+    assert n == 21
+    for even in ("pad", "drop", "none"):
+        kw = dict(seasons="random", seed=2, buffer_size=5, even=even)
+        ranks = _ranks(odd_store, world, **kw)
+        batched = _ranks(odd_store, world, **kw, batch_size=2, output="raw")
+        for epoch in (0, 1):
+            for st in ranks + batched:
+                st.set_epoch(epoch)
+            lengths = ranks[0].rank_lengths(epoch)
+            assert [len(st) for st in ranks] == lengths  # before a pass advances the epoch
+            got = [[item["sample"] for item in st] for st in ranks]
+            assert [len(g) for g in got] == lengths
+            assert all(len(set(g)) == len(g) for g in got)  # never twice on one rank
+            seen = Counter(s for g in got for s in g)
+            if even == "pad":
+                assert lengths == [-(-n // world)] * world and sorted(seen) == ids
+                assert sum(seen.values()) == world * -(-n // world)
+            elif even == "drop":
+                assert lengths == [n // world] * world and set(seen.values()) == {1}
+                assert set(seen) <= set(ids)
+            else:
+                assert sorted(seen) == ids and set(seen.values()) == {1}
+                assert len(set(lengths)) > 1  # 21 samples in whole shards: uneven
+            sizes = [[len(w) for w in workers] for workers in ranks[0].plan(epoch, 3)]
+            if even != "none":  # workers of every rank get the same counts
+                per = lengths[0]
+                want = [len(a) for a in np.array_split(np.arange(per), 3)]
+                assert sizes == [want] * world
+                steps = [st.num_batches(4, 3, epoch=epoch) for st in ranks]
+                assert steps == [sum(-(-k // 4) for k in want)] * world
+            # ready batches: the same samples per rank, len() batches, right values
+            for r, st in enumerate(batched):
+                n_batches = len(st)
+                batches = list(st)
+                assert len(batches) == n_batches == -(-lengths[r] // 2)
+                assert n_batches == st.num_batches(epoch=epoch)
+                assert sorted(s for b in batches for s in b["sample"]) == sorted(got[r])
+                for b in batches:
+                    for j, i in enumerate(b["index"].tolist()):
+                        t = int(b["seasons"][j, 0])
+                        assert int(b["image"][j, 0, 5, 5]) == expected_value(S2, i, t, 0)
+        if even != "none":  # the dropped / repeated samples change with the epoch's order
+            assert ranks[0].plan(0)[0][0].tolist() != ranks[0].plan(1)[0][0].tolist()
+
+
+def test_stream_even_fewer_samples_than_ranks(tmp_path: Path) -> None:
+    path = write_store(tmp_path / "tiny.zarr", 3, (S2,), size=8, shard_samples=4)
+    ids = [layout.sample_id(i) for i in range(3)]
+    for world in (4, 5):
+        pad = _ranks(path, world, seasons=0)
+        got = [[item["sample"] for item in st] for st in pad]
+        assert got == [[ids[k % 3]] for k in range(world)]  # one shard, repeated from its start
+        batches = [list(st) for st in _ranks(path, world, seasons=0, batch_size=2)]
+        assert [[b["sample"] for b in x] for x in batches] == [[g] for g in got]
+        drop = _ranks(path, world, seasons=0, even="drop")
+        assert [len(st) for st in drop] == [0] * world and not any(list(st) for st in drop)
+        drop_b = _ranks(path, world, seasons=0, even="drop", batch_size=2)
+        assert [st.num_batches() for st in drop_b] == [0] * world
+        assert not any(list(st) for st in drop_b)
+    empty = write_store(tmp_path / "empty.zarr", 3, (S2,), size=8,
+                        status={i: "failed" for i in range(3)})
+    for even in ("pad", "drop", "none"):
+        st = _ranks(empty, 2, seasons=0, even=even)
+        assert [len(s) for s in st] == [0, 0] and not any(list(s) for s in st)
+
+
+def test_stream_even_single_rank_is_exactly_once(odd_store: Path) -> None:
+    """world_size 1: nothing padded or dropped, the same order in every mode."""
+    orders = []
+    for even in ("pad", "drop", "none"):
+        st = ZarrShardStream(odd_store, S2, seasons="random", seed=4, buffer_size=5, even=even)
+        orders.append([item["sample"] for item in st])
+        assert sorted(orders[-1]) == st.sample_ids and len(st) == len(st.sample_ids)
+        b = ZarrShardStream(odd_store, S2, seasons="random", seed=4, even=even, batch_size=4)
+        assert sorted(s for x in b for s in x["sample"]) == st.sample_ids
+    assert orders[0] == orders[1] == orders[2]
+
+
+@pytest.mark.parametrize("seasons", [1, "all", "augment"])
+def test_batch_reads_repeated_and_scattered_rows(store: Path, seasons: object) -> None:
+    """A batch with a row twice and rows of several shards, through the shard reader and
+    through zarr: every position holds its sample."""
+    kw = dict(modalities=(S2, S1), stack=False, seasons=seasons, seed=5, output="raw")
+    mapped = ZarrPatchDataset(store, **kw)
+    by_id = {sid: k for k, sid in enumerate(mapped.sample_ids)}
+    rows = np.array([0, 1, 1, 4, 4, 6, 13, 13])
+    key = "views" if seasons == "augment" else "image"
+    for direct in (True, False):
+        ds = ZarrShardStream(store, **kw, batch_size=4)
+        ds._direct_reads = direct
+        batch = ds._read_batch(rows, 0)
+        assert batch["index"].tolist() == rows.tolist()
+        for j, sid in enumerate(batch["sample"]):
+            ref = mapped[by_id[sid]]
+            assert batch["seasons"][j].tolist() == ref["seasons"].tolist()
+            got = [_pick(v, j) for v in batch[key]] if key == "views" else _pick(batch[key], j)
+            _equal(got, ref[key])
+
+
+def test_stream_even_options_are_checked(store: Path) -> None:
+    with pytest.raises(ValueError, match="even must be"):
+        ZarrShardStream(store, S2, even="repeat")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="without batch_size"):
+        ZarrShardStream(store, S2, batch_size=4).num_batches(4)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        ZarrShardStream(store, S2).num_batches()
+    st = ZarrShardStream(store, S2, seasons=0, rank=1, world_size=3)
+    assert st.even == "pad" and "even='pad'" in repr(st)
+    assert st.num_batches(5, 2, drop_last=True) == 0  # 6 samples in workers of 3 and 3
+    assert st.num_batches(5, 2) == 2 and st.num_batches(5) == 2
+
+
 # ---------------------------------------------------------------------- remote stores
 def test_reads_through_fsspec_url(store: Path) -> None:
     import fsspec
