@@ -2,8 +2,10 @@
 
 ``run_build`` validates the inputs, writes the store template once (or reopens a compatible
 store), then submits **one task per shard of locations** (``SHARD_SAMPLES`` = 64 by default) to
-a Dask distributed cluster. A task's arguments are three paths, a shard number and the options
-(a few hundred bytes): it reads its own rows of the locations and scenes tables, builds the
+a Dask distributed cluster. A task's arguments are the store and the two tables (paths on a
+LocalCluster; URLs on a cluster whose workers may not share this machine's disk, local tables
+being published beside the store first: :func:`publish_inputs`), a shard number and the options
+(a few hundred bytes, never a credential): it reads its own rows of the locations and scenes tables, builds the
 stackstac cubes of its locations (signing hrefs there, just before reading), and writes its
 whole shard. 250,000 locations are 3,907 tasks, so the graph stays small.
 
@@ -691,8 +693,11 @@ __all__ = ["BuildOptions", "WORKER_CONFIG", "build_shard", "graph_size", "local_
 def _add_cluster_arguments(p: Any) -> None:
     g = p.add_argument_group("Dask cluster")
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                   help="address of an existing Dask scheduler (default: start a LocalCluster); "
-                   "start its workers with "
+                   help="address of an existing Dask scheduler (default: start a LocalCluster). "
+                   "Its workers need not see this machine's disk: local tables are copied beside "
+                   "the store first, and the store must be object storage or a folder the "
+                   "workers share; they use the credentials of their own environment. Start its "
+                   "workers with "
                    f"{', '.join(f'{k}={v}' for k, v in worker_environment().items())} in their "
                    "environment, as the "
                    "local and Kubernetes workers have (pipeline.runner.WORKER_CONFIG)")

@@ -291,7 +291,9 @@ def input_error(url: str | os.PathLike[str], what: str, exc: BaseException,
     shown = redact(os.fspath(url))
     fix = f"; create it with `{made_by}`" if made_by else ""
     if isinstance(exc, FileNotFoundError) or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
-        return StoreError(f"{what} {shown} does not exist{fix}")
+        where = (f" (check the URL; reading it needs {credential_help(url)})"
+                 if is_remote(url) else "")
+        return StoreError(f"{what} {shown} does not exist{fix}{where}")
     if is_remote(url) and _is_auth_error(exc):
         return StoreError(
             f"{what} {shown} cannot be read with the credentials in this environment "

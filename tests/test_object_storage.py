@@ -215,3 +215,20 @@ def test_wrong_credentials_fail_loudly(s3_endpoint: str) -> None:
     _s3fs_clear()
     with pytest.raises(FileNotFoundError):
         zarr.open_group(storage.open_store(f"s3://no-such-bucket-{os.getpid()}/c.zarr"), mode="r")
+
+
+def test_input_errors_name_the_url_and_the_variables() -> None:
+    secret_url = "https://data.example/scenes.parquet?sv=2024&sig=very-secret-sig"
+    missing = str(storage.input_error(secret_url, "scenes table", FileNotFoundError("x"),
+                                      "ssl4eo search"))
+    assert "does not exist" in missing and "ssl4eo search" in missing
+    assert "very-secret-sig" not in missing and "data.example/scenes.parquet" in missing
+    refused = str(storage.input_error("s3://bkt/t/scenes.parquet", "scenes table",
+                                      PermissionError("Access Denied")))
+    assert "s3://bkt/t/scenes.parquet" in refused
+    assert "AWS_ACCESS_KEY_ID" in refused and "AWS_SECRET_ACCESS_KEY" in refused
+    az = str(storage.input_error("az://cont/scenes.parquet", "scenes table",
+                                 RuntimeError("Server failed to authenticate the request (403)")))
+    assert "AZURE_STORAGE_ACCOUNT_NAME" in az
+    local = str(storage.input_error("/nope/scenes.parquet", "scenes table", FileNotFoundError()))
+    assert "does not exist" in local and "AWS" not in local
