@@ -680,7 +680,9 @@ def graph_size(n_locations: int, shard_samples: int = layout.SHARD_SAMPLES) -> d
     from . import store
 
     opts = BuildOptions(modalities=layout.MODALITIES)
-    args = ("/data/store.zarr", "/data/locations.parquet", "/data/scenes.parquet", 0, opts)
+    store_url = "s3://bucket/ssl4eo-s12/cube.zarr"
+    args = shard_task_args(store_url, {k: published_url(store_url, k, "0" * 64)
+                                       for k in ("locations", "scenes")}, 0, opts)
     return {"tasks": store.n_shards(n_locations, shard_samples),
             "bytes_per_task": len(pickle.dumps((build_shard, args)))}
 

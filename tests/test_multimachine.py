@@ -48,7 +48,26 @@ COMPLETE = layout.STATUS_CODES["complete"]
 BUCKET = "ssl4eo-multi"
 
 _why = namespaces_unavailable()
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"no mount namespaces here: {_why}")
+needs_namespaces = pytest.mark.skipif(_why is not None, reason=f"no mount namespaces: {_why}")
+
+
+def test_which_clusters_get_published_tables() -> None:
+    """Only a LocalCluster of this process is sure to share the submitter's disk."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.runner import _needs_published_inputs, published_url
+
+    assert _needs_published_inputs(None, {"scheduler": "tcp://10.0.0.5:8786"})
+    assert _needs_published_inputs(None, {"cluster": "kubernetes"})
+    assert not _needs_published_inputs(None, {"workers": 2})
+    assert not _needs_published_inputs(None, None)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc, \
+            Client(lc) as client:
+        assert not _needs_published_inputs(client, None)
+        with Client(lc.scheduler_address) as by_address:  # a scheduler seen only by address
+            assert _needs_published_inputs(by_address, None)
+    assert (published_url("s3://b/eo/cube.zarr/", "scenes", "ab" * 32)
+            == "s3://b/eo/cube.zarr.inputs/scenes-abababababababab.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +111,7 @@ def _same_bytes(remote: str, local: Path) -> None:
     assert differing_objects(remote, local) in ([], ["zarr.json"])
 
 
+@needs_namespaces
 def test_build_on_workers_without_the_submitters_files(demo_tables: dict, clean_store: Path,
                                                        cluster: IsolatedCluster, s3) -> None:
     # the isolation is real: the submitter has the tables, no worker does
@@ -137,6 +157,7 @@ def _scheduler_counts(client) -> tuple[int, dict[str, int]]:  # noqa: ANN001
     return done, {w: len(keys) for w, keys in client.processing().items()}
 
 
+@needs_namespaces
 def test_remote_build_survives_a_dead_worker(demo_tables: dict, clean_store: Path,
                                              cluster: IsolatedCluster) -> None:
     from distributed import Client
@@ -192,6 +213,7 @@ def test_table_url_without_credentials(demo_tables: dict, s3, tmp_path: Path) ->
     assert not (tmp_path / "cube.zarr").exists()
 
 
+@needs_namespaces
 def test_the_build_jobs_own_command_on_isolated_workers(stac_api, clean_store: Path,
                                                         cluster: IsolatedCluster,
                                                         tmp_path: Path) -> None:
