@@ -211,17 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode:
         return _child(args)
 
-    from pipeline.demo.catalog import build_catalog
-    from pipeline.demo.serve import sample_and_search, start_catalog_server
+    from pipeline.demo.serve import sample_and_search, served_catalog
 
     with tempfile.TemporaryDirectory(prefix="ssl4eo-bench-build-") as tmp:
         tmp = Path(tmp)
-        cat = args.catalog
-        if cat is None:
-            cat = tmp / "catalog"
-            build_catalog(cat, profile="demo", real_data=None, seed=0, progress=False)
-        served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
-        try:
+        with served_catalog(tmp, args.catalog, profile="demo") as served:
             tables = sample_and_search(served.stac_url, tmp,
                                        {"num_locations": args.num_locations})
             import pandas as pd
@@ -238,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
                 mode: min(runs, key=lambda r: r["worker_cpu_s" if mode == "pipeline"
                                                else "cpu_s"])
                 for mode, runs in rounds.items()}
-        finally:
-            served.stop()
 
     def per_core(r: dict, cpu_key: str = "cpu_s") -> float:
         return patches / max(r[cpu_key], 1e-9)

@@ -2,7 +2,7 @@
 where a fault-free build does.
 
 Serves the test catalog itself (``pipeline.demo.catalog.build_catalog(profile="test")`` into a
-temporary directory, ``pipeline.demo.serve.start_catalog_server``), samples and searches like
+temporary directory, ``pipeline.demo.serve.served_catalog``), samples and searches like
 the tests' ``demo_tables`` (10 locations around the demo cities), then, with every asset read
 through :class:`pipeline.faults.FaultProxy` in front of the asset server:
 
@@ -114,19 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="an existing embedded catalog (default: build the test profile)")
     args = ap.parse_args(argv)
 
-    from pipeline.demo.serve import sample_and_search, start_catalog_server
+    from pipeline.demo.serve import sample_and_search, served_catalog
     from pipeline.faults import FAULT_KINDS, FaultProxy
 
     with tempfile.TemporaryDirectory(prefix="ssl4eo-faults-") as tmp_name:
         tmp = Path(tmp_name)
-        cat = args.catalog
-        if cat is None:
-            from pipeline.demo.catalog import build_catalog
-
-            cat = tmp / "catalog"
-            build_catalog(cat, profile="test", real_data=None, seed=0, progress=False)
-        served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
-        try:
+        with served_catalog(tmp, args.catalog, profile="test") as served:
             tables = sample_and_search(served.stac_url, tmp, SAMPLING)
             locations, scenes = tables["locations"], tables["scenes"]
 
@@ -150,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                                retry_failed=True)
                 retry_requests = proxy.stats.get("requests", 0) - stats.get("requests", 0)
             diff = _compare(store, tmp / "clean.zarr")
-        finally:
-            served.stop()
 
     faults = {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("fault:")}
     result = {

@@ -71,20 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import layout, storage
     from pipeline.demo.isolated import IsolatedCluster, differing_objects, s3_server
-    from pipeline.demo.serve import sample_and_search, start_catalog_server
+    from pipeline.demo.serve import sample_and_search, served_catalog
     from pipeline.runner import BuildOptions, run_build
 
     opts = BuildOptions(provider="local", shard_samples=args.shard_samples)
     with tempfile.TemporaryDirectory(prefix="ssl4eo-multi-") as tmp_name:
         tmp = Path(tmp_name)
-        cat = args.catalog
-        if cat is None:
-            from pipeline.demo.catalog import build_catalog
-
-            cat = tmp / "catalog"
-            build_catalog(cat, profile="test", real_data=None, seed=0, progress=False)
-        served = start_catalog_server(cat, workdir=tmp / "serve", progress=False)
-        try:
+        with served_catalog(tmp, args.catalog, profile="test") as served:
             tables = sample_and_search(served.stac_url, tmp, SAMPLING)
             t0 = time.perf_counter()
             run_build(tables["locations"], tables["scenes"], tmp / "local.zarr", options=opts,
@@ -114,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                 differ = differing_objects(store, tmp / "local.zarr")
                 published = [k for k in storage.filesystem(f"s3://{BUCKET}")[0].find(BUCKET)
                              if ".inputs/" in k]
-        finally:
-            served.stop()
 
     complete = summary["status"].get("complete", 0)
     result = {

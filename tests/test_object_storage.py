@@ -14,51 +14,21 @@ import numpy as np
 import pytest
 
 from pipeline import layout, storage
+from pipeline.demo.isolated import TEST_SECRET_KEY, s3_server
 from pipeline.errors import StoreError
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 BUCKET = "ssl4eo-test"
-FAKE_SECRET = "not-a-real-secret-4f1d"
+FAKE_SECRET = TEST_SECRET_KEY
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (a free port) with one bucket; env points clients at it."""
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_REGION="us-east-1",
-    )
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-        Bucket=BUCKET
-    )
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION",
-    "AWS_SESSION_TOKEN", "AWS_PROFILE",
-)
+    with s3_server(BUCKET) as info:
+        yield info["endpoint"]
 
 
 def _s3fs_clear() -> None:

@@ -903,3 +903,22 @@ def sample_and_search(stac_url: str, out: Path, sampling: dict[str, Any] | None 
     scenes = Path(out) / "scenes.parquet"
     search_locations(locations, scenes, cfg, progress=False)
     return {"locations": locations, "scenes": scenes}
+
+
+@contextlib.contextmanager
+def served_catalog(workdir: str | os.PathLike, catalog: str | os.PathLike | None = None,
+                   profile: str = "test") -> Iterator[Served]:
+    """An embedded catalog served on loopback for as long as the block runs: ``catalog`` if
+    given, else one built into ``workdir/catalog`` (``profile``, no real data, seed 0). The
+    set-up of the build, fault and multi-machine benchmarks."""
+    from .catalog import build_catalog
+
+    workdir = Path(workdir)
+    if catalog is None:
+        catalog = workdir / "catalog"
+        build_catalog(catalog, profile=profile, real_data=None, seed=0, progress=False)
+    served = start_catalog_server(catalog, workdir=workdir / "serve", progress=False)
+    try:
+        yield served
+    finally:
+        served.stop()
