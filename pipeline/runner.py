@@ -5,9 +5,9 @@ store), then submits **one task per shard of locations** (``SHARD_SAMPLES`` = 64
 a Dask distributed cluster. A task's arguments are the store and the two tables (paths on a
 LocalCluster; URLs on a cluster whose workers may not share this machine's disk, local tables
 being published beside the store first: :func:`publish_inputs`), a shard number and the options
-(a few hundred bytes, never a credential): it reads its own rows of the locations and scenes tables, builds the
-stackstac cubes of its locations (signing hrefs there, just before reading), and writes its
-whole shard. 250,000 locations are 3,907 tasks, so the graph stays small.
+(a few hundred bytes, never a credential): it reads its own rows of the locations and scenes
+tables, builds the stackstac cubes of its locations (signing hrefs there, just before
+reading), and writes its whole shard. 250,000 locations are 3,907 tasks, so the graph stays small.
 
 Clusters: a :class:`distributed.LocalCluster` sized to the machine by default (one worker
 process per ``threads`` cores); ``scheduler="tcp://HOST:PORT"`` for an existing cluster;
@@ -144,14 +144,17 @@ LOCATION_COLUMNS = ("sample", "lon", "lat", "epsg", "xmin", "ymin", "xmax", "yma
 
 def read_locations(path: str | Path):  # -> pd.DataFrame
     """The locations table (only the columns the build needs), checked; a path or a URL."""
+    return _load_locations(check_locations(path))
+
+
+def _load_locations(path: str):  # -> pd.DataFrame
+    """The locations table at ``path``, already checked (:func:`check_locations`)."""
     import pandas as pd
 
     from . import storage
 
-    cols = list(LOCATION_COLUMNS)
-    path = check_locations(path)
     fs, where = storage.arrow_filesystem(path)
-    df = pd.read_parquet(where, columns=cols, filesystem=fs)
+    df = pd.read_parquet(where, columns=list(LOCATION_COLUMNS), filesystem=fs)
     df["sample"] = df["sample"].astype(str)
     if df["sample"].duplicated().any():
         dup = df["sample"][df["sample"].duplicated()].iloc[0]
@@ -581,7 +584,7 @@ def run_build(
     # both tables checked (missing, refused, foreign) before anything is written or submitted
     locations = check_locations(locations)
     scenes = check_scenes(scenes)
-    locs = read_locations(locations)
+    locs = _load_locations(locations)
     mods = tuple(options.modalities) or tuple(scene_modalities(scenes))
     if not mods:
         raise UserError(f"scenes table {storage.redact(scenes)} has no rows; run `ssl4eo "
@@ -925,16 +928,13 @@ def plot_band_stats(stats: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def _cmd_run(args: Any) -> int:
-
-    from . import sampling, search
+    from . import sampling, search, storage
     from .config import load_config
 
     cfg = load_config(args.preset, args.config, {
         "sampling": {"num_locations": args.num_locations},
         "search": {"stac_url": args.stac_url, "provider": args.provider},
     })
-    from . import storage
-
     out = str(args.out)
     if not storage.is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)

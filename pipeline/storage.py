@@ -335,17 +335,13 @@ def input_info(url: str | os.PathLike[str], what: str, made_by: str = "") -> dic
     return {"size": int(info.get("size") or 0), "etag": info.get("ETag") or info.get("etag")}
 
 
-def file_sha256(url: str | os.PathLike[str]) -> str:
-    """SHA-256 of the file at a local path or URL (read in 1 MiB blocks)."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a local file (read in 1 MiB blocks). Remote tables are identified by their
+    ETag and size (:func:`input_info`) instead of being downloaded for a hash."""
     import hashlib
 
     h = hashlib.sha256()
-    if is_remote(url):
-        fs, path = filesystem(url)
-        f = fs.open(path, "rb", block_size=1 << 22)
-    else:
-        f = open(local_path(url), "rb")  # noqa: SIM115 - closed below
-    with f:
+    with open(local_path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

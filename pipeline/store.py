@@ -572,13 +572,6 @@ def stored_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in storage.local_path(path).rglob("*") if f.is_file())
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file at a local path or URL (:func:`pipeline.storage.file_sha256`)."""
-    from . import storage
-
-    return storage.file_sha256(path)
-
-
 def _table_record(kind: str, path: str | Path, digests: Mapping[str, str] | None,
                   task_tables: Mapping[str, str] | None) -> dict[str, Any]:
     from . import storage

@@ -24,7 +24,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +148,6 @@ def test_build_on_workers_without_the_submitters_files(demo_tables: dict, clean_
     assert not any(TEST_SECRET_KEY.encode() in v for v in store_objects(store).values())
 
 
-def _scheduler_counts(client) -> tuple[int, dict[str, int]]:  # noqa: ANN001
-    """(shard tasks finished, shard tasks processing per worker address)."""
-    done = client.run_on_scheduler(lambda dask_scheduler: sum(
-        ts.state == "memory" for k, ts in dask_scheduler.tasks.items()
-        if str(k).startswith("ssl4eo-shard")))
-    return done, {w: len(keys) for w, keys in client.processing().items()}
-
-
 @needs_namespaces
 def test_remote_build_survives_a_dead_worker(demo_tables: dict, clean_store: Path,
                                              cluster: IsolatedCluster) -> None:
@@ -164,22 +155,13 @@ def test_remote_build_survives_a_dead_worker(demo_tables: dict, clean_store: Pat
 
     store = f"s3://{BUCKET}/run-b/cube.zarr"
     proc = _build(demo_tables, store, cluster.address)
-    killed = None
+    # mid-run: a shard written, one running on worker-1
+    killed = cluster.kill_worker_mid_run(1, until=lambda: proc.poll() is not None)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None, "the build ended before a worker could be killed"
+    assert proc.returncode == 0, out + cluster.logs()
     with Client(cluster.address, timeout="30s") as client:
-        names = {w: info["name"] for w, info in client.scheduler_info()["workers"].items()}
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            done, busy = _scheduler_counts(client)
-            victim = [w for w, n in busy.items() if n and names.get(w) == "worker-1"]
-            if done >= 1 and victim:  # mid-run: a shard written, one running on worker-1
-                cluster.kill_worker(1)
-                killed = victim[0]
-                break
-            time.sleep(0.1)
-        out, _ = proc.communicate(timeout=600)
-        assert killed is not None, "the build ended before a worker could be killed"
-        assert proc.returncode == 0, out + cluster.logs()
-        assert killed not in client.scheduler_info()["workers"]
+        assert killed["worker"] not in client.scheduler_info()["workers"]
     st = xr.open_zarr(storage.open_store(store), consolidated=False)["status"].values
     assert (st == COMPLETE).all(), st  # nothing lost
     _same_values(store, clean_store)

@@ -197,6 +197,37 @@ class IsolatedCluster:
             pass
         p.wait(30)
 
+    def kill_worker_mid_run(self, index: int, *, key_prefix: str = "ssl4eo-shard",
+                            after_done: int = 1, until: Any = None,
+                            timeout: float = 300) -> dict[str, Any] | None:
+        """Wait until ``after_done`` tasks whose key starts with ``key_prefix`` have finished
+        and one such task is running on worker ``index``, then kill that worker
+        (:meth:`kill_worker`). ``until()`` returning true (the build ended) stops the wait.
+        Returns ``{"worker", "tasks_done_before", "after_s"}``, or None when nothing was
+        killed."""
+        from distributed import Client
+
+        t0 = time.perf_counter()
+        name = f"worker-{index}"
+
+        def finished(dask_scheduler: Any) -> int:
+            return sum(ts.state == "memory" for k, ts in dask_scheduler.tasks.items()
+                       if str(k).startswith(key_prefix))
+
+        with Client(self.address, timeout="30s") as client:
+            names = {w: i["name"] for w, i in client.scheduler_info()["workers"].items()}
+            while time.perf_counter() - t0 < timeout and not (until and until()):
+                done = client.run_on_scheduler(finished)
+                busy = [w for w, keys in client.processing().items()
+                        if names.get(w) == name and any(str(k).startswith(key_prefix)
+                                                        for k in keys)]
+                if done >= after_done and busy:
+                    self.kill_worker(index)
+                    return {"worker": busy[0], "tasks_done_before": done,
+                            "after_s": round(time.perf_counter() - t0, 2)}
+                time.sleep(0.1)
+        return None
+
     def stop(self) -> None:
         procs = [*self.workers, *([self.scheduler] if self.scheduler else [])]
         for p in procs:
