@@ -17,6 +17,17 @@ A config file has the same shape as a preset, and may name the preset it starts 
     sampling: {num_locations: 100}
     search: {stac_url: "http://127.0.0.1:8081"}
 
+Provider profiles (``providers:``) have the shape of the built-in ones in
+``pipeline/profiles/*.yaml``; ``search.provider`` names one::
+
+    providers:
+      my-earth-search:
+        base: earth-search            # start from a built-in profile, override fields
+        url: https://stac.example.org/v1
+        modalities:
+          S2L2A: {collection: s2-l2a-mirror}
+    search: {provider: my-earth-search}
+
 Sections this module does not know (``cube``, ``store``, ``train``...) are kept as plain dicts
 under :attr:`Config.extra_sections` for the stages that own them.
 """
@@ -162,6 +173,9 @@ class Config(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     seasons: SeasonsConfig = Field(default_factory=SeasonsConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    #: provider profiles by name, the shape of ``pipeline/profiles/*.yaml`` (``base: NAME``
+    #: starts from a built-in or another entry); ``search.provider`` may name one
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     extra_sections: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -246,12 +260,26 @@ def load_config(
     data["preset"] = name
     where = f"config file {str(path)!r} (on preset {name!r})" if path else f"preset {name!r}"
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings in {where} or the command line: {problems}") from exc
+    _check_profiles(cfg, where)
+    return cfg
+
+
+def _check_profiles(cfg: Config, where: str) -> None:
+    """Every profile under ``providers:`` is complete (each error names the field to fix)."""
+    from .providers import get_provider
+
+    for name in cfg.providers:
+        try:
+            # the URL may come at run time (--stac-url), as for the built-in local profile
+            get_provider(name, "http://url.given.at.run.time/", cfg.providers)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,9 @@ GDAL_HTTP_ENV: dict[str, Any] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF",
+    # COGs, and JPEG 2000 (Earth Search's S2 L1C); GDAL's JP2OpenJPEG driver reads both over
+    # /vsicurl/ and /vsis3/
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF,.jp2,.JP2",
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
     "GDAL_CACHEMAX": 256,
     "VSI_CACHE_SIZE": "5000000",
@@ -418,12 +420,14 @@ def prepare_items(
     return items
 
 
-def _baseline_needs_offset(item: Mapping[str, Any]) -> bool:
-    """True when the scene's DNs lack the +1000 offset (processing baseline < 04.00)."""
-    from .providers import s2_offset
+def scene_offset(item: Mapping[str, Any], rule: str = "metadata",
+                 asset_keys: Sequence[str] | None = None) -> tuple[int, str]:
+    """``(DN offset, what decided it)`` of one S2 scene under the profile's offset ``rule``
+    (:func:`pipeline.providers.s2_offset_rule`), as a :class:`UserError` when unreadable."""
+    from .providers import s2_offset_rule
 
     try:
-        return s2_offset(dict(item)) == 0
+        return s2_offset_rule(dict(item), rule, asset_keys)
     except ValueError as exc:
         raise UserError(f"{exc}; fix the item or drop it from the scenes table") from exc
 
@@ -579,7 +583,11 @@ def s2_cube(
     scl_key = band_assets.get(SCL_BAND, SCL_BAND)
     has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in parsed)
     all_keys = keys + ([scl_key] if has_scl else [])
+    # offsets from the items as the provider wrote them (prepare_items keeps only the assets
+    # read, and pins their footprints), in the cube's chronological order
+    offsets = {it.get("id"): scene_offset(it, provider.offset_rule, keys) for it in parsed}
     items = prepare_items(parsed, all_keys, grid)
+    env_overrides = {**provider.gdal_options(modality), **(env_overrides or {})}
     env = gdal_env(env_overrides)
     reading = {"sign": provider.signer(), "sign_retries": sign_retries,
                "time_chunk": None if compute else time_chunk}
@@ -592,10 +600,8 @@ def s2_cube(
 
     # offset harmonisation: target offset minus the scene's own offset, on valid pixels only
     target = layout.S2_OFFSET_CONVENTIONS[convention]
-    scene_offset = np.array(
-        [0 if _baseline_needs_offset(it) else layout.S2_BASELINE_OFFSET for it in items]
-    )
-    shift = (target - scene_offset).astype(np.int32).reshape(-1, 1, 1, 1)
+    dn_offset = np.array([offsets[it["id"]][0] for it in items], dtype=np.int32)
+    shift = (target - dn_offset).reshape(-1, 1, 1, 1)
     if compute:
         apply = _apply_whole
     else:
@@ -607,7 +613,10 @@ def s2_cube(
         cloud = apply(s2_cloud, valid[:, None], *scl, drop_axis=1, dtype=np.uint8)
     else:
         cloud = apply(s2_unknown_cloud, valid, dtype=np.uint8)
-    return _finish(data, bands, cloud, valid, items, grid, apply)
+    ds = _finish(data, bands, cloud, valid, items, grid, apply)
+    return ds.assign_coords(
+        dn_offset=("time", dn_offset.astype(np.int16)),
+        offset_rule=("time", np.array([offsets[it["id"]][1] for it in items], dtype=object)))
 
 
 def s1_cube(
@@ -632,6 +641,7 @@ def s1_cube(
     bands = layout.BANDS[modality]
     keys = [band_assets[b] for b in bands]
     items = prepare_items(item_jsons, keys, grid)
+    env_overrides = {**provider.gdal_options(modality), **(env_overrides or {})}
     lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
                  resampling=resampling, env=gdal_env(env_overrides), sign=provider.signer(),
                  sign_retries=sign_retries, time_chunk=None if compute else time_chunk).data

@@ -111,6 +111,8 @@ SCENE_COLUMNS = (
     "datetime",  # acquisition time (UTC)
     "cloud_cover",  # eo:cloud_cover (NaN for S1)
     "item_json",  # the chosen STAC item, JSON text, unsigned hrefs
+    "dn_offset",  # S2: the scene's DN offset (1000: DN = 10000 x reflectance + 1000; else 0)
+    "offset_rule",  # S2: what decided dn_offset (pipeline.providers.s2_offset_rule)
 )
 
 #: Rows per Parquet row group of the scenes table, which is sorted by sample: a shard task reads

@@ -62,7 +62,11 @@ class BuildOptions:
     """What a shard task needs besides its inputs (small; travels with each task)."""
 
     modalities: tuple[str, ...] = ()
-    provider: str = "auto"
+    #: a provider profile name overriding the one the scenes table records (None: the table's)
+    provider: str | None = None
+    #: the provider profile the tasks read with, as data (:meth:`pipeline.providers.Provider.
+    #: to_dict`); :func:`run_build` resolves it from ``provider`` or the scenes table
+    profile: Mapping[str, Any] | None = None
     resampling: str = "bilinear"
     convention: str = layout.S2_DEFAULT_CONVENTION
     #: cubes (location, modality) a task reads at once (threads; each reads its assets in turn)
@@ -364,11 +368,16 @@ def build_shard(
 
 
 def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provider
-    """The provider profile a task signs with (its custom signer imported here, in the task)."""
+    """The provider profile a task reads and signs with: the one :func:`run_build` resolved
+    (its custom signer imported here, in the task); a table from before profiles were recorded
+    falls back to a guess from its hrefs."""
     from . import cube
-    from .providers import load_signer
+    from .providers import load_signer, provider_from_dict
 
-    provider = cube.get_provider(options.provider, _first_hrefs(ok))
+    if options.profile is not None:
+        provider = provider_from_dict(options.profile)
+    else:
+        provider = cube.get_provider(options.provider or "auto", _first_hrefs(ok))
     if options.signer:
         provider = provider.with_signer(load_signer(options.signer))
     return provider
@@ -392,6 +401,34 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
         sign_retries=options.sign_retries, compute=True,
     )
     return cubes.get(modality)
+
+
+def resolve_profile(options: BuildOptions, scenes: str | Path,
+                    config: Any = None) -> dict[str, Any] | None:
+    """The provider profile the build reads with, as data: ``options.profile`` when set, else
+    the profile ``options.provider`` names (a built-in or the config's ``providers:`` entry:
+    ``--provider`` overrides only when given), else the one the scenes table recorded (what
+    ``ssl4eo search`` used). None for a table written before profiles were recorded: the
+    tasks then guess from the hrefs (Planetary Computer for Azure blob storage, else local)."""
+    from . import providers
+    from .sampling import table_metadata
+
+    if options.profile is not None:
+        return dict(providers.provider_from_dict(options.profile).to_dict())
+    if options.provider and options.provider != "auto":
+        cfg = config if isinstance(config, Mapping) else (
+            config.to_dict() if hasattr(config, "to_dict") else {})
+        profiles = cfg.get("providers") or {}
+        prov = providers.get_provider(options.provider, "http://build.invalid/",
+                                      profiles=profiles)
+        return prov.to_dict()
+    recorded = (table_metadata(scenes).get("info") or {}).get("profile")
+    if recorded:
+        where = f"the provider profile recorded in scenes table {scenes!s}"
+        return providers.provider_from_dict(recorded, where=where).to_dict()
+    log.warning("scenes table %s records no provider profile (written before profiles were "
+                "recorded): guessing from its hrefs; pass --provider to choose", scenes)
+    return None
 
 
 def _assets_per_scene(modality: str) -> int:
@@ -589,7 +626,8 @@ def run_build(
     if not mods:
         raise UserError(f"scenes table {storage.redact(scenes)} has no rows; run `ssl4eo "
                         "search` first")
-    options = BuildOptions(**{**asdict(options), "modalities": mods})
+    options = BuildOptions(**{**asdict(options), "modalities": mods,
+                              "profile": resolve_profile(options, scenes, config)})
     if options.signer:  # fail here, not in every task, when it cannot be imported
         from .providers import load_signer
 
@@ -614,7 +652,9 @@ def run_build(
     # provenance: GDAL options may hold credentials (e.g. AWS_SECRET_ACCESS_KEY, in the options
     # and in the config's build section) and URLs user:password@ or tokens: masked before they
     # are written into the store
-    prov = store.provenance(_redact(config), options.provider, scenes, locations,
+    prov = store.provenance(_redact(config),
+                            (options.profile or {}).get("name") or options.provider or "auto",
+                            scenes, locations,
                             _redact(asdict(options)), digests=digests, task_tables=task_tables)
     created = store.create_store(store_path, list(locs["sample"]), mods, provenance=prov,
                                  shard_samples=options.shard_samples)
@@ -739,8 +779,10 @@ def _add_build_arguments(p: Any) -> None:
                    help="cubes (location x modality) read at once inside one task, each "
                    "reading its assets in turn (default 8)")
     g.add_argument("--provider", default=None,
-                   help="provider profile used to sign hrefs (planetary-computer, earth-search, "
-                   "local; default: the config's)")
+                   help="provider profile to read with (asset keys, signing, offset rule, GDAL "
+                   "options): planetary-computer, earth-search, local or one defined under the "
+                   "config's 'providers:'. Default: the profile the scenes table recorded "
+                   "(the one `ssl4eo search` used)")
     g.add_argument("--signer", default=None, metavar="MODULE:FUNCTION",
                    help="custom href signer for private buckets or other token services: the "
                    "import path of a function href -> signed href, imported on the workers "
@@ -765,7 +807,7 @@ def _build_settings(args: Any, cfg: Any) -> tuple[BuildOptions, dict[str, Any]]:
                         f"known: {sorted(known | {'retries'})}")
     flags = {"shard_samples": args.shard_samples, "resampling": args.resampling,
              "convention": args.convention, "read_threads": args.read_threads,
-             "provider": args.provider or (cfg.search.provider if cfg is not None else None),
+             "provider": args.provider,
              "signer": args.signer}
     values = {k: v for k, v in sect.items() if k in known}
     values.update({k: v for k, v in flags.items() if v is not None})

@@ -45,7 +45,7 @@ import pandas as pd
 from .config import Config
 from .errors import ConfigError, SearchError, UserError
 from .layout import S1RTC, SCENE_COLUMNS, SCENES_ROW_GROUP
-from .providers import Provider, provider_from_config
+from .providers import Provider, provider_from_config, s2_offset_rule
 from .seasons import season_windows
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ class Scene:
     geometry: Any  # shapely geometry, EPSG:4326
     props: dict
     item: dict
+    #: S2: the scene's DN offset and what decided it (:func:`pipeline.providers.s2_offset_rule`)
+    dn_offset: int = 0
+    offset_rule: str = ""
 
 
 class MalformedItem(ValueError):
@@ -175,7 +178,14 @@ def parse_item(item: dict, modality: str, provider: Provider) -> Scene:
             raise MalformedItem(f"item {iid!r}: {provider.cloud_property} is {raw!r}") from None
         if not 0 <= cloud <= 100:
             raise MalformedItem(f"item {iid!r}: {provider.cloud_property}={cloud} not in 0..100")
-    return Scene(iid, str(item.get("collection", "")), t, cloud, geom, props, item)
+    offset, rule = 0, ""
+    if modality != S1RTC:
+        keys = [k for b, k in wanted.items() if b != "SCL"]
+        try:
+            offset, rule = s2_offset_rule(item, provider.offset_rule, keys)
+        except ValueError as exc:
+            raise MalformedItem(str(exc)) from None
+    return Scene(iid, str(item.get("collection", "")), t, cloud, geom, props, item, offset, rule)
 
 
 def s1_ok(props: dict, orbit_states: list[str]) -> bool:
@@ -248,7 +258,7 @@ class SceneSearch:
 
     def __init__(self, cfg: Config, provider: Provider | None = None) -> None:
         self.cfg = cfg
-        self.provider = provider or provider_from_config(cfg.search)
+        self.provider = provider or provider_from_config(cfg)
         for m in cfg.search.modalities:
             self.provider.collection(m)
         self.counter = RequestCounter()
@@ -395,6 +405,7 @@ class SceneSearch:
         requests = self.counter.count - req0
         info = {
             "provider": self.provider.name, "stac_url": self.provider.url,
+            "profile": self.provider.to_dict(),
             "locations": len(locations), "groups": len(groups), "searches": total.searches,
             "requests": requests, "location_windows": n_lw,
             "requests_per_location_window": requests / (n_lw * len(self.cfg.search.modalities)),
@@ -443,7 +454,8 @@ def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
             if chosen is not None:
                 row.update(status="ok", reason="", item_id=chosen.item_id,
                            datetime=chosen.time, cloud_cover=chosen.cloud,
-                           item_json=json.dumps(chosen.item, separators=(",", ":")))
+                           item_json=json.dumps(chosen.item, separators=(",", ":")),
+                           dn_offset=chosen.dn_offset, offset_rule=chosen.offset_rule)
             else:
                 n_touch = int((in_w & touches[:, j]).sum()) if k else 0
                 n_cover = int((in_w & covers[:, j]).sum()) if k else 0
@@ -462,7 +474,7 @@ def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
                 if n_skipped:
                     reason += f" ({n_skipped} malformed item(s) skipped in this area)"
                 row.update(status="missing", reason=reason, item_id="", datetime=None,
-                           cloud_cover=float("nan"), item_json="")
+                           cloud_cover=float("nan"), item_json="", dn_offset=0, offset_rule="")
             rows.append(row)
     return rows
 
@@ -474,7 +486,9 @@ def scenes_frame(rows: list[dict]) -> pd.DataFrame:
     for c in ("window_start", "window_end", "datetime"):
         df[c] = pd.to_datetime(df[c]).dt.tz_localize("UTC")
     df["cloud_cover"] = df["cloud_cover"].astype("float32")
-    for c in ("sample", "modality", "status", "reason", "collection", "item_id", "item_json"):
+    df["dn_offset"] = df["dn_offset"].fillna(0).astype("int16")
+    for c in ("sample", "modality", "status", "reason", "collection", "item_id", "item_json",
+              "offset_rule"):
         df[c] = df[c].astype(str)
     return df.sort_values(["sample", "season", "modality"], kind="stable").reset_index(drop=True)
 
