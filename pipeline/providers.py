@@ -382,9 +382,11 @@ def _gdal_options(options: Any, where: str) -> dict[str, str]:
 
 
 def get_provider(name: str, url: str | None = None,
-                 profiles: Mapping[str, Mapping[str, Any]] | None = None) -> Provider:
+                 profiles: Mapping[str, Mapping[str, Any]] | None = None,
+                 need_url: bool = True) -> Provider:
     """The profile ``name``: one of ``profiles`` (a config's ``providers:`` section) or a
-    built-in (:data:`PROVIDER_NAMES`), optionally at another ``url``."""
+    built-in (:data:`PROVIDER_NAMES`), optionally at another ``url``. ``need_url=False``: a
+    profile without an API URL is fine (a search of GeoParquet snapshots, a build)."""
     if profiles and name in profiles:
         prov = provider_from_dict({"name": name, **profiles[name]},
                                   where=f"providers.{name}", profiles=profiles)
@@ -396,7 +398,7 @@ def get_provider(name: str, url: str | None = None,
         prov = provider_from_dict(builtin_profile(name), where=f"pipeline/profiles/{name}.yaml")
     if url:
         prov = dataclasses.replace(prov, url=url)
-    if not prov.url:
+    if not prov.url and need_url:
         raise ConfigError(
             f"provider {name!r} needs the URL of its STAC API: pass --stac-url (for the "
             "embedded catalog, printed by its serve command) or set search.stac_url"

@@ -419,8 +419,7 @@ def resolve_profile(options: BuildOptions, scenes: str | Path,
         cfg = config if isinstance(config, Mapping) else (
             config.to_dict() if hasattr(config, "to_dict") else {})
         profiles = cfg.get("providers") or {}
-        prov = providers.get_provider(options.provider, "http://build.invalid/",
-                                      profiles=profiles)
+        prov = providers.get_provider(options.provider, profiles=profiles, need_url=False)
         return prov.to_dict()
     recorded = (table_metadata(scenes).get("info") or {}).get("profile")
     if recorded:

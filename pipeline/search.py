@@ -34,6 +34,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,6 +418,147 @@ class SceneSearch:
         return df, info
 
 
+# ------------------------------------------------------------------- STAC GeoParquet snapshots
+#: columns a STAC GeoParquet snapshot needs (stac-geoparquet's layout: item fields and
+#: properties as top-level columns, ``geometry`` as WKB, ``bbox`` as a struct or absent)
+SNAPSHOT_COLUMNS = ("id", "collection", "datetime", "geometry", "assets")
+
+
+class SnapshotSearch(SceneSearch):
+    """The same search and choice as :class:`SceneSearch`, over STAC GeoParquet snapshots
+    instead of a STAC API: no request to any API, no 429s at 250,000 locations.
+
+    ``items``: paths or URLs (``s3://``, ``az://``, ``gs://``, ``https://``) of GeoParquet files
+    or folders of them (Planetary Computer publishes one per collection as the collection's
+    ``geoparquet-items`` asset; ``stac-geoparquet`` and ``rustac`` write them). Each
+    (group, span) query of the batched search becomes a filtered scan: collection, datetime in
+    the span, ``bbox`` overlapping the group (pushed down to the row groups' statistics when
+    the snapshot has a ``bbox`` struct) and, for S2, the cloud limit, as the API search does.
+    The rows that pass are turned back into item dicts by ``stac_geoparquet`` and go through
+    the same :func:`parse_item` and :func:`choose_for_locations` as the API's items.
+    """
+
+    def __init__(self, cfg: Config, items: Sequence[str], provider: Provider | None = None
+                 ) -> None:
+        if provider is None:
+            from .providers import get_provider
+
+            # no API: a profile without a URL (the local one) is fine here
+            provider = get_provider(cfg.search.provider, cfg.search.stac_url, cfg.providers,
+                                    need_url=False)
+        super().__init__(cfg, provider)
+        if not items:
+            raise UserError("no STAC GeoParquet snapshot given (--items PATH_OR_URL)")
+        self.sources = [str(i) for i in items]
+        self._datasets: dict[str, list[Any]] = {}
+        self._bbox_struct: dict[int, bool] = {}
+
+    def preflight(self) -> None:
+        """Open every snapshot, check its columns, and find each modality's collection."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        from . import storage
+
+        opened = []
+        for src in self.sources:
+            shown = storage.redact(src)
+            if storage.is_remote(src):
+                storage.input_info(src, "STAC GeoParquet snapshot")
+            elif not Path(src).exists():
+                raise UserError(f"STAC GeoParquet snapshot {shown!r} does not exist; give a "
+                                "file or folder written by stac-geoparquet / rustac (e.g. a "
+                                "collection's geoparquet-items asset)")
+            fs, where = storage.arrow_filesystem(src)
+            try:
+                ds = pads.dataset(where, filesystem=fs, format="parquet")
+                names = set(ds.schema.names)
+            except Exception as exc:  # pyarrow raises several types for damaged files
+                raise UserError(f"{shown!r} is not a readable GeoParquet snapshot: "
+                                f"{storage.redact(str(exc))}") from exc
+            lacking = [c for c in SNAPSHOT_COLUMNS if c not in names]
+            if lacking:
+                raise UserError(f"STAC GeoParquet snapshot {shown!r} lacks column(s) {lacking} "
+                                f"(it has {sorted(names)[:12]}...); write it with "
+                                "stac-geoparquet or rustac from STAC items")
+            bbox_type = ds.schema.field("bbox").type if "bbox" in names else None
+            self._bbox_struct[id(ds)] = bool(bbox_type is not None
+                                             and str(bbox_type).startswith("struct"))
+            opened.append((src, ds, names))
+        pname = self.provider.name
+        for m in self.cfg.search.modalities:
+            col = self.provider.collection(m)
+            having = [(src, ds, names) for src, ds, names in opened
+                      if ds.count_rows(filter=pc.field("collection") == col) > 0]
+            if not having:
+                raise ConfigError(
+                    f"no item of collection {col!r} ({m}) in the snapshot(s) "
+                    f"{[storage.redact(s) for s in self.sources]}; give the snapshot of that "
+                    f"collection, or fix providers.{pname}.modalities.{m}.collection"
+                )
+            if m != S1RTC:
+                for src, _, names in having:
+                    if self.provider.cloud_property not in names:
+                        raise ConfigError(
+                            f"snapshot {storage.redact(src)!r} has no "
+                            f"{self.provider.cloud_property!r} column for {m}'s cloud filter; "
+                            f"fix providers.{pname}.cloud_property (its columns: "
+                            f"{sorted(n for n in names if 'cloud' in n)})"
+                        )
+            self._datasets[m] = [ds for _, ds, _ in having]
+
+    def fetch(self, modality: str, bbox: tuple[float, ...] | None, start: np.datetime64,
+              end: np.datetime64, intersects: dict | None = None) -> tuple[list[Scene], list]:
+        """The snapshot's rows for one query of the batched search (see the class notes)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import shapely
+        from stac_geoparquet.arrow import stac_table_to_items
+
+        col = self.provider.collection(modality)
+        t0 = pa.scalar(pd.Timestamp(start).tz_localize("UTC"), pa.timestamp("us", "UTC"))
+        t1 = pa.scalar(pd.Timestamp(end).tz_localize("UTC"), pa.timestamp("us", "UTC"))
+        base = ((pc.field("collection") == col) & (pc.field("datetime") >= t0)
+                & (pc.field("datetime") < t1))
+        if modality != S1RTC and self.provider.supports_query:
+            base = base & (pc.field(self.provider.cloud_property)
+                           < self.cfg.seasons.max_cloud_cover)
+        area = (shapely.geometry.shape(intersects) if intersects is not None
+                else shapely.box(*bbox))  # type: ignore[misc]
+        x0, y0, x1, y1 = area.bounds
+        scenes: list[Scene] = []
+        skipped: list[dict] = []
+        where = f"{col} window {_iso(start)} .. {_iso(end)} in the snapshot"
+        for ds in self._datasets.get(modality, []):
+            filt = base
+            if self._bbox_struct.get(id(ds)):
+                filt = filt & ((pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0)
+                               & (pc.field("bbox", "ymin") <= y1)
+                               & (pc.field("bbox", "ymax") >= y0))
+            table = ds.to_table(filter=filt)
+            if table.num_rows == 0:
+                continue
+            for item in stac_table_to_items(table):
+                try:
+                    sc = parse_item(item, modality, self.provider)
+                except MalformedItem as exc:
+                    skipped.append({"item_id": str(item.get("id")), "reason": str(exc),
+                                    "search": where})
+                    continue
+                if sc.geometry.intersects(area):  # what the API's spatial filter does
+                    scenes.append(sc)
+        for s in skipped:
+            log.warning("skipped malformed item: %s", s["reason"])
+        return scenes, skipped
+
+    def run(self, locations: pd.DataFrame, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+        df, info = super().run(locations, progress)
+        from . import storage
+
+        info.update(stac_url=None, items=[storage.redact(s) for s in self.sources])
+        return df, info
+
+
 def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
                          footprints: np.ndarray, windows: np.ndarray, cfg: Config,
                          provider: Provider, n_skipped: int = 0,
@@ -536,12 +678,13 @@ def read_scenes(path: str | Path, allow_incomplete: bool = False) -> pd.DataFram
 
 
 def search_locations(locations_path: str | Path, out: str | Path, cfg: Config,
-                     progress: bool = True) -> dict:
-    """Read locations, search, write the scenes table. Returns the info dict."""
+                     progress: bool = True, items: Sequence[str] | None = None) -> dict:
+    """Read locations, search, write the scenes table. Returns the info dict. ``items``:
+    STAC GeoParquet snapshots to search instead of the API (:class:`SnapshotSearch`)."""
     from .sampling import read_locations
 
     gdf = read_locations(locations_path)
-    searcher = SceneSearch(cfg)
+    searcher = SnapshotSearch(cfg, items) if items else SceneSearch(cfg)
     df, info = searcher.run(gdf, progress=progress)
     write_scenes(df, out, cfg, info)
     return info
@@ -565,6 +708,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--provider", default=None,
                    help="planetary-computer (default), earth-search or local")
     p.add_argument("--stac-url", default=None, help="STAC API URL (default: the provider's)")
+    p.add_argument("--items", nargs="+", default=None, metavar="PATH_OR_URL",
+                   help="search STAC GeoParquet snapshots instead of the API (files or folders, "
+                   "local or s3://, az://, gs://, https://; e.g. Planetary Computer's "
+                   "geoparquet-items asset per collection): the same choice, no API requests. "
+                   "The provider profile still gives collection ids, asset keys and the cloud "
+                   "property")
     p.add_argument("--modalities", nargs="+", default=None, help="e.g. S2L2A S1RTC")
     p.add_argument("--max-cloud", type=float, default=None,
                    help="S2: keep scenes with eo:cloud_cover below this percentage")
@@ -588,7 +737,8 @@ def _cmd_search(args: Any) -> int:
                    "drop_incomplete": args.drop_incomplete, "workers": args.workers},
         "seasons": {"max_cloud_cover": args.max_cloud, "choice": args.choice},
     })
-    info = search_locations(args.locations, args.out, cfg, progress=not args.no_progress)
+    info = search_locations(args.locations, args.out, cfg, progress=not args.no_progress,
+                            items=args.items)
     print(json.dumps({k: v for k, v in info.items() if k not in ("skipped_items",
                                                                  "dropped_samples")}))
     return 0

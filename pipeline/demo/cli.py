@@ -58,7 +58,7 @@ def _add_real_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``catalog`` (``build``, ``serve``) and ``demo``."""
+    """Add ``catalog`` (``build``, ``serve``, ``export-geoparquet``) and ``demo``."""
     cat = sub.add_parser(
         "catalog",
         help="build or serve the embedded STAC catalog (local COGs + items)",
@@ -102,6 +102,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quiet", action="store_true", help="no start-up progress messages")
     s.set_defaults(func=_cmd_serve)
 
+    g = csub.add_parser(
+        "export-geoparquet",
+        help="write the catalog's items as a STAC GeoParquet snapshot (for search --items)",
+        description="Write every item of a built catalog into one STAC GeoParquet file with "
+        "stac-geoparquet, hrefs on the asset server as the served API gives them, so that "
+        "`ssl4eo search --items FILE` makes the same choice as the API search.",
+    )
+    g.add_argument("--catalog", required=True, metavar="DIR",
+                   help="catalog directory written by `ssl4eo catalog build`")
+    g.add_argument("--out", required=True, metavar="FILE", help="GeoParquet file to write")
+    g.add_argument("--asset-url", required=True, metavar="URL",
+                   help="the asset server's URL (printed by `ssl4eo catalog serve` as "
+                   "'Assets:'), prefixed to the items' relative hrefs")
+    g.set_defaults(func=_cmd_export)
+
     d = sub.add_parser(
         "demo", help="run the demo end to end on the embedded catalog (no internet needed)",
         description="Build the embedded catalog (or reuse it), serve it, and run the pipeline's "
@@ -127,6 +142,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     n = result.get("items") if isinstance(result, dict) else None
     print(f"Catalog written to {out} in {time.perf_counter() - t:.1f} s"
           + (f" ({n} items)" if n is not None else ""))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .serve import export_geoparquet
+
+    counts = export_geoparquet(args.catalog, args.out, args.asset_url)
+    print(f"{sum(counts.values())} items ({', '.join(f'{n} {c}' for c, n in sorted(counts.items()))})"
+          f" -> {args.out}")
     return 0
 
 

@@ -315,6 +315,32 @@ def rewrite_for_serving(obj: dict, file_path: Path, root: Path, asset_url: str) 
     return out
 
 
+def export_geoparquet(catalog_dir: str | os.PathLike, out: str | os.PathLike,
+                      asset_url: str) -> dict[str, int]:
+    """Write the catalog's items as one STAC GeoParquet snapshot at ``out``, with hrefs on the
+    asset server at ``asset_url`` exactly as the served API gives them
+    (:func:`rewrite_for_serving`), written by ``stac_geoparquet`` (the library Planetary
+    Computer's ``geoparquet-items`` snapshots come from). Returns item counts per collection."""
+    import stac_geoparquet.arrow as sga
+
+    files = read_catalog(catalog_dir)
+    items = [rewrite_for_serving(i, p, files.root, asset_url.rstrip("/"))
+             for p, i in files.items]
+    if not items:
+        raise CatalogError(f"catalog {files.root} has no items to export")
+    table = sga.parse_stac_items_to_arrow(items)
+    table = table.read_all() if hasattr(table, "read_all") else table
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    sga.to_parquet(table, tmp)
+    tmp.replace(out)
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["collection"]] = counts.get(item["collection"], 0) + 1
+    return counts
+
+
 # ------------------------------------------------------------------------------------ children
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
     """Ask Linux to SIGTERM this child when its parent dies (no orphans after a kill -9)."""
