@@ -7,6 +7,10 @@ revisit, both orbit states), serves it with the real stack (PostgreSQL + pgstac 
 stac-fastapi-pgstac on loopback), draws locations around those cities with ``ssl4eo sample``'s
 code, and runs ``ssl4eo search``'s code on them, counting every HTTP request.
 
+``geoparquet``: the same locations searched in the catalog's STAC GeoParquet snapshot
+(``ssl4eo search --items``) served over HTTP: requests, throughput and whether it chose exactly
+what the API chose.
+
 Prints one JSON object::
 
     python benchmarks/search.py --locations 1000 --cities 40
@@ -73,6 +77,48 @@ def write_catalog(out: Path, cities, year: int, seed: int) -> dict[str, int]:  #
     return counts
 
 
+def geoparquet_mode(cat: Path, asset_url: str, tmp: Path, cfg, locs, api_df) -> dict:  # noqa: ANN001
+    """The same locations searched in the catalog's STAC GeoParquet snapshot (written by
+    stac-geoparquet, served over HTTP with Range by the asset server, so that its requests
+    are counted), and whether it chose what the API chose."""
+    import threading
+
+    from pipeline.demo.httpserver import make_server
+    from pipeline.demo.serve import export_geoparquet
+    from pipeline.search import SnapshotSearch
+
+    www = tmp / "www"
+    www.mkdir()
+    export_geoparquet(cat, www / "items.parquet", asset_url)
+    server = make_server(www)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        t = time.perf_counter()
+        df, _ = SnapshotSearch(cfg, [f"http://{host}:{port}/items.parquet"]).run(
+            locs, progress=False)
+        secs = time.perf_counter() - t
+        served = server.stats.as_dict()
+    finally:
+        server.shutdown()
+        server.server_close()
+    t = time.perf_counter()
+    local_df, _ = SnapshotSearch(cfg, [str(www / "items.parquet")]).run(locs, progress=False)
+    local_s = time.perf_counter() - t
+    cols = ["sample", "season", "modality", "status", "item_id"]
+    return {
+        "http_requests": int(served["requests"]),
+        "http_bytes": int(served["bytes"]),
+        "snapshot_bytes": (www / "items.parquet").stat().st_size,
+        "same_choice_as_api": bool(api_df[cols].equals(df[cols])
+                                   and api_df[cols].equals(local_df[cols])),
+        "locations_per_second": round(len(locs) / secs, 2),
+        "search_seconds": round(secs, 3),
+        "local_file_locations_per_second": round(len(locs) / local_s, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--locations", type=int, default=1000, help="locations to search (>= 1000)")
@@ -113,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             df, info = searcher.run(locs, progress=False)
             search_s = time.perf_counter() - t
+            snapshot = geoparquet_mode(cat, served.asset_url, Path(tmp), cfg, locs, df)
         finally:
             served.stop()
     ok = int((df["status"] == "ok").sum())
@@ -134,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "locations_per_second": round(len(locs) / search_s, 2),
         "sampling_seconds": round(sample_s, 3),
         "workers": args.workers,
+        "geoparquet": snapshot,
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -34,6 +34,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -422,6 +423,8 @@ class SceneSearch:
 #: columns a STAC GeoParquet snapshot needs (stac-geoparquet's layout: item fields and
 #: properties as top-level columns, ``geometry`` as WKB, ``bbox`` as a struct or absent)
 SNAPSHOT_COLUMNS = ("id", "collection", "datetime", "geometry", "assets")
+#: decoded snapshot row groups kept in memory by one search (bytes, Arrow's count)
+SNAPSHOT_CACHE_BYTES = 1 << 30
 
 
 class SnapshotSearch(SceneSearch):
@@ -452,6 +455,12 @@ class SnapshotSearch(SceneSearch):
         self.sources = [str(i) for i in items]
         self._datasets: dict[str, list[Any]] = {}
         self._bbox_struct: dict[int, bool] = {}
+        # decoded row groups, least recently used first: neighbouring groups' queries hit
+        # the same row groups, which would otherwise be fetched and decoded once per query
+        self._cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._fragments: dict[int, list[Any]] = {}
 
     def preflight(self) -> None:
         """Open every snapshot, check its columns, and find each modality's collection."""
@@ -535,9 +544,11 @@ class SnapshotSearch(SceneSearch):
                 filt = filt & ((pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0)
                                & (pc.field("bbox", "ymin") <= y1)
                                & (pc.field("bbox", "ymax") >= y0))
-            table = ds.to_table(filter=filt)
-            if table.num_rows == 0:
+            parts = [t.filter(filt) for t in self._row_groups(ds, filt)]
+            parts = [t for t in parts if t.num_rows]
+            if not parts:
                 continue
+            table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
             for item in stac_table_to_items(table):
                 try:
                     sc = parse_item(item, modality, self.provider)
@@ -550,6 +561,34 @@ class SnapshotSearch(SceneSearch):
         for s in skipped:
             log.warning("skipped malformed item: %s", s["reason"])
         return scenes, skipped
+
+    def _row_groups(self, ds: Any, filt: Any):  # -> Iterator[pa.Table]
+        """The row groups of ``ds`` whose statistics may hold rows passing ``filt`` (the
+        others are never fetched), decoded once and kept in an LRU of
+        :data:`SNAPSHOT_CACHE_BYTES`."""
+        frags = self._fragments.get(id(ds))
+        if frags is None:  # footers read once: row groups are pruned on their statistics
+            frags = list(ds.get_fragments())
+            for frag in frags:
+                frag.ensure_complete_metadata()
+            self._fragments[id(ds)] = frags
+        for frag in frags:
+            for rg in frag.split_by_row_group(filter=filt):
+                key = (frag.path, rg.row_groups[0].id)
+                with self._cache_lock:
+                    table = self._cache.get(key)
+                    if table is not None:
+                        self._cache.move_to_end(key)
+                if table is None:
+                    table = rg.to_table()
+                    with self._cache_lock:
+                        if key not in self._cache:
+                            self._cache[key] = table
+                            self._cache_bytes += table.nbytes
+                        while self._cache_bytes > SNAPSHOT_CACHE_BYTES and len(self._cache) > 1:
+                            _, old = self._cache.popitem(last=False)
+                            self._cache_bytes -= old.nbytes
+                yield table
 
     def run(self, locations: pd.DataFrame, progress: bool = True) -> tuple[pd.DataFrame, dict]:
         df, info = super().run(locations, progress)

@@ -18,6 +18,7 @@ from affine import Affine
 
 from pipeline import layout
 from pipeline.demo.cog import write_cog
+from pipeline.providers import s2_offset_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / ".." / "shared" / "data" / "real"
@@ -147,6 +148,9 @@ def scene_row(sample: str, season: int, modality: str, item: dict | None,
         "datetime": pd.Timestamp(item["properties"]["datetime"]) if ok else pd.NaT,
         "cloud_cover": float(item["properties"].get("eo:cloud_cover", np.nan)) if ok else np.nan,
         "item_json": json.dumps(item) if ok else "",
+        **dict(zip(("dn_offset", "offset_rule"),
+                   s2_offset_rule(item) if ok and modality.startswith("S2") else (0, ""),
+                   strict=True)),
     }
 
 

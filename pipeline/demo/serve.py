@@ -315,6 +315,10 @@ def rewrite_for_serving(obj: dict, file_path: Path, root: Path, asset_url: str) 
     return out
 
 
+#: items per row group of an exported snapshot
+SNAPSHOT_ROW_GROUP = 500
+
+
 def export_geoparquet(catalog_dir: str | os.PathLike, out: str | os.PathLike,
                       asset_url: str) -> dict[str, int]:
     """Write the catalog's items as one STAC GeoParquet snapshot at ``out``, with hrefs on the
@@ -328,12 +332,17 @@ def export_geoparquet(catalog_dir: str | os.PathLike, out: str | os.PathLike,
              for p, i in files.items]
     if not items:
         raise CatalogError(f"catalog {files.root} has no items to export")
+    # sorted by collection and time, in row groups of SNAPSHOT_ROW_GROUP items, as snapshots
+    # partitioned by time are: a search reads only the row groups of its windows
+    items.sort(key=lambda it: (it["collection"], it["properties"].get("datetime") or "",
+                               it["id"]))
     table = sga.parse_stac_items_to_arrow(items)
     table = table.read_all() if hasattr(table, "read_all") else table
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    sga.to_parquet(table, tmp)
+    # stac_geoparquet writes each record batch as one row group
+    sga.to_parquet(table.to_reader(max_chunksize=SNAPSHOT_ROW_GROUP), tmp)
     tmp.replace(out)
     counts: dict[str, int] = {}
     for item in items:
