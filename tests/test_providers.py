@@ -481,3 +481,43 @@ def test_snapshot_errors_name_what_to_fix(tmp_path, demo_catalog):
     with pytest.raises(ConfigError, match=r"no 's2:cloudy' column.*providers\.c\."
                                           "cloud_property"):
         SnapshotSearch(load_config(path=path), [str(snap)]).run(locs, progress=False)
+
+
+def test_l1c_from_requester_pays_s3(tmp_path, capfd):
+    """s3:// JPEG 2000 hrefs as Earth Search gives them, in a bucket served by moto on
+    loopback: every request carries the profile's ``x-amz-request-payer: requester`` and is
+    signed with the credentials of the reader's environment (none travel with the profile);
+    values equal GDAL's direct read."""
+    import boto3
+
+    from pipeline.demo.isolated import s3_server
+
+    prov = get_provider("earth-search")
+    keys = prov.band_assets("S2L1C")
+    with s3_server("sentinel-s2-l1c-test") as s3:
+        client = boto3.client("s3", endpoint_url=s3["endpoint"])
+        hrefs = {}
+        for band, key in keys.items():
+            path = tmp_path / f"{band}.jp2"
+            _write(path, _reflectance(band, RES[band]), RES[band], "JP2OpenJPEG")
+            client.upload_file(str(path), s3["bucket"], f"tiles/33/T/WL/2022/7/5/0/{band}.jp2")
+            hrefs[key] = f"s3://{s3['bucket']}/tiles/33/T/WL/2022/7/5/0/{band}.jp2"
+        item = _item("S2A_33TWL_20220705_0_L1C", "sentinel-2-l1c", "2022-07-05T10:00:00Z",
+                     hrefs, {"s2:processing_baseline": "03.01"})
+        endpoint = {"AWS_S3_ENDPOINT": s3["endpoint"].split("://", 1)[1], "AWS_HTTPS": "NO",
+                    "AWS_VIRTUAL_HOSTING": "FALSE"}
+        grid = cube.Grid.from_location(_location().iloc[0])
+        capfd.readouterr()
+        ds = cube.s2_cube([item], grid, modality="S2L1C", provider=prov, compute=True,
+                          resampling="nearest",
+                          env_overrides={**endpoint, "CPL_CURL_VERBOSE": "YES"})
+        trace = capfd.readouterr().err
+        assert trace.count("x-amz-request-payer: requester") >= len(keys)
+        assert "Credential=ssl4eo-test-access-key/" in trace
+        import rasterio
+
+        with rasterio.Env(**endpoint):
+            for band in ("B02", "B10"):
+                want = _direct(hrefs[keys[band]], grid, "nearest")
+                np.testing.assert_array_equal(ds["bands"].sel(band=band).values[0],
+                                              np.where(want > 0, want + 1000, 0))
