@@ -283,7 +283,7 @@ def stage_build(ctx: DemoContext) -> dict[str, Any]:
 
     store_path = ctx.out / "cube.zarr"
     cfg = _demo_config(ctx)
-    opts = BuildOptions(provider="local", shard_samples=8)
+    opts = BuildOptions(shard_samples=8)  # reads with the profile the scenes table recorded
     _say(f"[build] {store_path.name}: one Dask task per shard of {opts.shard_samples} samples")
     summary = run_build(ctx.state["locations"], ctx.state["scenes"], store_path, options=opts,
                         client_options={"threads": 1}, overwrite=True, config=cfg.to_dict(),
