@@ -101,6 +101,11 @@ class SeasonsConfig(_Section):
     max_cloud_cover: float = Field(
         20.0, description="S2: keep scenes with eo:cloud_cover strictly below this (percent)"
     )
+    candidates: int = Field(
+        3, ge=1, le=10,
+        description="S2: scenes kept per location and season, in the choice's order; the build "
+        "judges clouds on the patch and takes the clearest (1: the scene-level rule alone)",
+    )
     seed: int = Field(42, description="shifted rule: seed mixed with the sample id")
 
     @field_validator("max_cloud_cover")

@@ -735,6 +735,112 @@ def location_cubes(
     return out
 
 
+# ---------------------------------------------------------------- patch-level cloud choice
+#: defaults of the patch rule: a first candidate with at most this cloud fraction on the
+#: patch and at least this valid fraction is kept as it is (no extra read)
+MAX_PATCH_CLOUD = 0.05
+MIN_VALID = 0.95
+
+
+def patch_fractions(ds) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - an xr.Dataset
+    """Per scene of an S2 cube: the patch's cloud fraction (``cloud_mask == 1``) and its
+    cloudy-or-invalid fraction (cloud + no data), from the cube's own mask: no read."""
+    n = layout.PATCH_PIXELS * layout.PATCH_PIXELS
+    if "cloud_mask" not in ds:
+        return (np.full(ds.sizes["time"], np.nan, np.float32),) * 2
+    cm = np.asarray(ds["cloud_mask"].values)
+    cloud = (cm == 1).reshape(len(cm), -1).sum(axis=1) / n
+    invalid = 1.0 - np.asarray(ds["valid_fraction"].values, np.float64)
+    return cloud.astype(np.float32), np.clip(cloud + invalid, 0, 1).astype(np.float32)
+
+
+def scl_fractions(items: Sequence[Mapping[str, Any]], grid: Grid, *, provider: Any,
+                  env_overrides: Mapping[str, Any] | None = None,
+                  sign_retries: int = SIGN_RETRIES) -> tuple[np.ndarray, np.ndarray]:
+    """Cloud and cloudy-or-invalid fractions on the patch of each item, from its SCL asset
+    alone (one asset read per item, nearest): how a runner-up is judged before its bands are
+    read. Invalid here is SCL's no data / defective classes; the bands' own zeros are only
+    known once read, and the chosen scene's recorded fractions come from its full read."""
+    key = provider.band_assets(layout.S2L2A).get(SCL_BAND, SCL_BAND)
+    prepared = prepare_items(items, [key], grid)
+    order = [it["id"] for it in prepared]
+    env_overrides = {**provider.gdal_options(layout.S2L2A), **(env_overrides or {})}
+    stack = _stack(prepared, [key], grid, dtype="uint8", fill=np.uint8(0), resampling="nearest",
+                   env=gdal_env(env_overrides), sign=provider.signer(),
+                   sign_retries=sign_retries, time_chunk=None).data
+    (scl,) = _reads([stack], True, env_overrides)
+    scl = np.asarray(scl)[:, 0].reshape(len(prepared), -1)
+    cloud = np.isin(scl, layout.SCL_CLOUD_CLASSES).mean(axis=1)
+    bad = cloud + np.isin(scl, layout.SCL_INVALID_CLASSES).mean(axis=1)
+    by_id = dict(zip(order, zip(cloud, bad, strict=True), strict=True))
+    got = [by_id[it["id"]] for it in items]
+    return (np.array([g[0] for g in got], np.float32), np.array([g[1] for g in got], np.float32))
+
+
+def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - xr.Dataset
+                 max_patch_cloud: float = MAX_PATCH_CLOUD, min_valid: float = MIN_VALID,
+                 **cube_kwargs: Any):  # -> xr.Dataset
+    """The S2 L2A cube ``ds`` (the scene-level rule's scenes, one per season) with each season
+    whose patch is too cloudy (``> max_patch_cloud``) or too empty (valid ``< min_valid``)
+    replaced by the clearest of its candidates: the fewest cloudy or invalid pixels on the
+    patch, the rule's first scene kept on ties.
+
+    ``rows``: the location's scenes-table rows of the modality (``item_id``, ``season``,
+    ``candidates``: the runners-up the search kept, in the rule's order). The first scene's
+    cloud comes from the cube's own SCL read (a clear first candidate costs nothing extra);
+    each runner-up is judged from its SCL alone (:func:`scl_fractions`, one asset), and only
+    the winner's bands are read. Adds per-scene coordinates ``patch_cloud_fraction``,
+    ``candidates_tried`` (scenes judged, the first included) and ``candidate_rank`` (0: the
+    rule's scene). Without SCL (S2 L1C) the scene-level choice stays and the patch cloud
+    fraction is unknown (NaN).
+    """
+    import xarray as xr
+
+    cloud, bad = patch_fractions(ds)
+    n = ds.sizes["time"]
+    tried = np.ones(n, np.int8)
+    rank = np.zeros(n, np.int8)
+    by_id = {str(r["item_id"]): r for r in rows.to_dict("records")} if len(rows) else {}
+    replace: dict[int, tuple[dict, float, float]] = {}
+    has_scl = "cloud_mask" in ds and bool(np.isfinite(cloud).all()) and (
+        np.asarray(ds["cloud_mask"].values) != CLOUD_UNKNOWN).any()
+    for k, fid in enumerate(ds["file_id"].values):
+        row = by_id.get(str(fid))
+        if not has_scl or row is None:
+            continue
+        if cloud[k] <= max_patch_cloud and 1.0 - (bad[k] - cloud[k]) >= min_valid:
+            continue  # the rule's scene is clear enough on the patch: no extra read
+        others = json.loads(row.get("candidates") or "[]") if "candidates" in row else []
+        if not others:
+            continue
+        alt_cloud, alt_bad = scl_fractions(
+            others, grid, provider=provider, env_overrides=cube_kwargs.get("env_overrides"),
+            sign_retries=cube_kwargs.get("sign_retries", SIGN_RETRIES))
+        tried[k] = 1 + len(others)
+        best = int(np.argmin(alt_bad))
+        if alt_bad[best] < bad[k]:
+            replace[k] = (others[best], float(alt_cloud[best]), float(alt_bad[best]))
+            rank[k] = best + 1
+    if replace:
+        keep = [k for k in range(n) if k not in replace]
+        new = s2_cube([replace[k][0] for k in sorted(replace)], grid, modality=layout.S2L2A,
+                      provider=provider, compute=True, **cube_kwargs)
+        season = np.asarray(ds["season"].values)
+        new = new.assign_coords(season=("time", season[sorted(replace)]))
+        extra = {"candidates_tried": tried, "candidate_rank": rank}
+        parts = [ds.isel(time=keep), new]
+        ds = xr.concat(parts, dim="time", data_vars="all", coords="different", compat="equals",
+                       join="outer") if keep else new
+        order = np.argsort(np.asarray(ds["season"].values), kind="stable")
+        ds = ds.isel(time=order)
+        old_order = keep + sorted(replace)
+        tried = extra["candidates_tried"][old_order][order]
+        rank = extra["candidate_rank"][old_order][order]
+        cloud = patch_fractions(ds)[0]
+    return ds.assign_coords(patch_cloud_fraction=("time", cloud),
+                            candidates_tried=("time", tried), candidate_rank=("time", rank))
+
+
 def linear_to_db(x: np.ndarray) -> np.ndarray:
     """10 * log10(x) for positive finite x, NaN elsewhere (reference for tests)."""
     x = np.asarray(x, dtype=np.float64)
@@ -749,5 +855,6 @@ __all__ = [
     "clear_http_cache", "gdal_env",
     "get_provider", "http_status", "is_auth_error", "is_transient", "location_cubes",
     "modality_cube", "prepare_items", "s1_cube", "s2_cube", "linear_to_db", "harmonise_s2",
-    "s2_valid", "s2_cloud", "s2_unknown_cloud", "rtc_to_db", "s1_valid",
+    "s2_valid", "s2_cloud", "s2_unknown_cloud", "rtc_to_db", "s1_valid", "patch_choice",
+    "patch_fractions", "scl_fractions",
 ]

@@ -113,6 +113,7 @@ SCENE_COLUMNS = (
     "item_json",  # the chosen STAC item, JSON text, unsigned hrefs
     "dn_offset",  # S2: the scene's DN offset (1000: DN = 10000 x reflectance + 1000; else 0)
     "offset_rule",  # S2: what decided dn_offset (pipeline.providers.s2_offset_rule)
+    "candidates",  # S2: JSON array of the next scenes in the choice's order (item JSON), or ""
 )
 
 #: Rows per Parquet row group of the scenes table, which is sorted by sample: a shard task reads

@@ -79,6 +79,11 @@ class BuildOptions:
     signer: str | None = None
     #: times a location's modality is signed again and re-read after HTTP 401/403
     sign_retries: int = 2
+    #: patch rule (S2 L2A): a season whose patch has more cloud than this, or less valid
+    #: pixels than ``min_valid``, takes the clearest of the search's candidates
+    #: (:func:`pipeline.cube.patch_choice`)
+    max_patch_cloud: float = 0.05
+    min_valid: float = 0.95
 
 
 #: GDAL / environment option names whose values are credentials (never recorded)
@@ -167,8 +172,11 @@ def _load_locations(path: str):  # -> pd.DataFrame
     return df.reset_index(drop=True)
 
 
-#: the scenes table's columns a shard task reads
+#: the scenes table's columns a shard task needs
 SHARD_SCENE_COLUMNS = ("sample", "season", "modality", "status", "item_id", "item_json")
+#: the columns it also reads when the table has them: the S2 runners-up for the patch-level
+#: cloud choice (:func:`pipeline.cube.patch_choice`)
+SHARD_OPTIONAL_COLUMNS = ("candidates",)
 
 
 def check_locations(path: str | Path) -> str:
@@ -228,6 +236,9 @@ def read_shard_scenes(path: str | Path, samples: Sequence[str],
     import pyarrow.compute as pc
 
     pf = _parquet_file(path)  # the footer is read once, for the groups and the read
+    have = set(pf.schema_arrow.names)
+    # optional columns (a table from before they existed has none of them)
+    columns = [c for c in columns if c in have or c not in SHARD_OPTIONAL_COLUMNS]
     table = pf.read_row_groups(scene_row_groups(pf, samples), columns=list(columns))
     table = table.filter(pc.is_in(table["sample"].cast(pa.string()),
                                   value_set=pa.array([str(s) for s in samples], pa.string())))
@@ -317,7 +328,7 @@ def build_shard(
     locs = read_locations(locations_path)
     rows = locs.iloc[shard * s:(shard + 1) * s]
     ids = list(rows["sample"])
-    scenes = read_shard_scenes(scenes_path, ids)
+    scenes = read_shard_scenes(scenes_path, ids, SHARD_SCENE_COLUMNS + SHARD_OPTIONAL_COLUMNS)
     ok = scenes[scenes["status"] == "ok"]
     provider = _provider(options, ok)
     arrays = {m: store.empty_shard(m, ids) for m in options.modalities}
@@ -400,7 +411,15 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
         convention=options.convention, env_overrides=options.env_overrides,
         sign_retries=options.sign_retries, compute=True,
     )
-    return cubes.get(modality)
+    ds = cubes.get(modality)
+    if ds is not None and modality == layout.S2L2A:
+        rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
+        ds = cube.patch_choice(
+            ds, rows, cube.Grid.from_location(loc), provider=provider,
+            max_patch_cloud=options.max_patch_cloud, min_valid=options.min_valid,
+            resampling=options.resampling, convention=options.convention,
+            env_overrides=options.env_overrides, sign_retries=options.sign_retries)
+    return ds
 
 
 def resolve_profile(options: BuildOptions, scenes: str | Path,
@@ -469,6 +488,14 @@ def _place(a: dict[str, np.ndarray], i: int, ds, modality: str) -> int:  # noqa:
         a["file_id"][i, season] = str(ds["file_id"].values[k])
         a["cloud_cover"][i, season] = ds["cloud_cover"].values[k]
         a["valid_fraction"][i, season] = vf
+        # the quality table
+        bands = ds["bands"].values[k]
+        empty = ~np.isfinite(bands) | (bands == 0) if bands.dtype.kind == "f" else bands == 0
+        a["zero_bands"][i, season] = int(empty.reshape(len(bands), -1).all(axis=1).sum())
+        for name in ("dn_offset", "offset_rule", "patch_cloud_fraction", "candidates_tried",
+                     "candidate_rank"):
+            if name in a and name in ds.coords:
+                a[name][i, season] = ds[name].values[k]
         kept += 1
     return kept
 
@@ -774,6 +801,13 @@ def _add_build_arguments(p: Any) -> None:
     g.add_argument("--convention", choices=tuple(layout.S2_OFFSET_CONVENTIONS), default=None,
                    help="S2 offset convention stored: v1.1 = 10000*reflectance + 1000 (processing "
                    "baseline 04.00 and SSL4EO-S12 v1.1, default); v1 = 10000*reflectance")
+    g.add_argument("--max-patch-cloud", type=float, default=None, metavar="FRACTION",
+                   help="S2 L2A patch rule: a season whose patch (SCL) has more cloud than this "
+                   "fraction takes the clearest of the search's candidate scenes (default 0.05; "
+                   "1 keeps the scene-level choice)")
+    g.add_argument("--min-valid", type=float, default=None, metavar="FRACTION",
+                   help="S2 L2A patch rule: likewise for a patch with less valid pixels than "
+                   "this fraction (default 0.95)")
     g.add_argument("--read-threads", type=int, default=None,
                    help="cubes (location x modality) read at once inside one task, each "
                    "reading its assets in turn (default 8)")
@@ -806,7 +840,8 @@ def _build_settings(args: Any, cfg: Any) -> tuple[BuildOptions, dict[str, Any]]:
                         f"known: {sorted(known | {'retries'})}")
     flags = {"shard_samples": args.shard_samples, "resampling": args.resampling,
              "convention": args.convention, "read_threads": args.read_threads,
-             "provider": args.provider,
+             "provider": args.provider, "max_patch_cloud": args.max_patch_cloud,
+             "min_valid": args.min_valid,
              "signer": args.signer}
     values = {k: v for k, v in sect.items() if k in known}
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -867,15 +902,20 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_build)
 
     s = subparsers.add_parser(
-        "stats", help="completion, failures, size and band statistics of a store",
+        "stats", help="completion, failures, size, band statistics and quality of a store",
         description="Summarise a store written by `ssl4eo build`: samples per status, failure "
-        "reasons, stored bytes, and per-band mean/std per modality (the loader's normalisation).",
+        "reasons, stored bytes, per-band mean/std per modality (the loader's normalisation), "
+        "and the quality table (patch cloud, candidates, empty bands, offset rules).",
     )
     s.add_argument("--store", required=True, help="Zarr store written by `ssl4eo build`")
     s.add_argument("--recompute", action="store_true",
                    help="recombine the band statistics from the shards and re-consolidate")
     s.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw the band statistics (mean +- std per band) to this PNG")
+    s.add_argument("--quality", metavar="CSV", default=None,
+                   help="also write the quality table (a row per sample, season and modality: "
+                   "chosen scene, candidates tried, patch cloud and valid fractions, all-empty "
+                   "bands, offset rule) to this CSV (a path or an object-storage URL)")
     s.add_argument("--json", action="store_true", help="print everything as JSON")
     s.set_defaults(func=_cmd_stats)
 
@@ -930,6 +970,19 @@ def _cmd_stats(args: Any) -> int:
     out = store.summary(args.store)
     if args.plot:
         plot_band_stats(out["band_stats"], args.plot)
+    if args.quality:
+        from . import storage
+
+        table = store.quality_table(args.store)
+        if storage.is_remote(args.quality):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ssl4eo-quality-") as tmp:
+                local = Path(tmp) / "quality.csv"
+                table.to_csv(local, index=False)
+                storage.upload_file(local, args.quality)
+        else:
+            table.to_csv(args.quality, index=False)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
@@ -938,6 +991,23 @@ def _cmd_stats(args: Any) -> int:
         print(f"  {m} band statistics ({st.get('units', '')}):")
         for b, mu, sd in zip(st["bands"], st["mean"], st["std"], strict=True):
             print(f"    {b:>4}  mean {mu:10.2f}  std {sd:9.2f}")
+    for m, q in out.get("quality", {}).items():
+        print(f"  {m} quality ({q['seasons']} seasons with a scene):")
+        if "patch_cloud_mean" in q:
+            print(f"    patch cloud fraction: mean {q['patch_cloud_mean']:.4f}, "
+                  f"90th percentile {q['patch_cloud_p90']:.4f}")
+        if "valid_mean" in q:
+            print(f"    valid fraction: mean {q['valid_mean']:.4f}")
+        if "runner_up_taken" in q:
+            print(f"    patch rule: runner-up kept in {q['runner_up_taken']} season(s), "
+                  f"{q['candidates_tried_mean']:.2f} candidates judged per season")
+        if "seasons_with_empty_band" in q:
+            print(f"    seasons with an all-empty band: {q['seasons_with_empty_band']}")
+        if q.get("offset_rules"):
+            print("    offset rules: " + ", ".join(f"{k} {v}" for k, v in
+                                                   q["offset_rules"].items()))
+    if args.quality:
+        print(f"quality table: {args.quality}")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0

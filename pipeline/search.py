@@ -200,15 +200,20 @@ def s1_ok(props: dict, orbit_states: list[str]) -> bool:
     )
 
 
+def ranked(scenes: list[Scene], rule: str) -> list[Scene]:
+    """The scenes in the rule's order of preference (``most_recent`` or ``least_cloudy``),
+    deterministic ties: the first is the rule's choice, the next are its runners-up."""
+    if rule == "most_recent":
+        return sorted(scenes, key=lambda s: (s.time, s.item_id), reverse=True)
+    # least cloudy; NaN (S1) counts as 0, so S1 falls back to most recent
+    return sorted(scenes, key=lambda s: (0.0 if np.isnan(s.cloud) else s.cloud,
+                                         -s.time.astype("int64"), s.item_id))
+
+
 def choose(scenes: list[Scene], rule: str) -> Scene | None:
     """The scene the rule picks (``most_recent`` or ``least_cloudy``), deterministic ties."""
-    if not scenes:
-        return None
-    if rule == "most_recent":
-        return max(scenes, key=lambda s: (s.time, s.item_id))
-    # least cloudy; NaN (S1) counts as 0, so S1 falls back to most recent
-    return min(scenes, key=lambda s: (0.0 if np.isnan(s.cloud) else s.cloud,
-                                      -s.time.astype("int64"), s.item_id))
+    order = ranked(scenes, rule)
+    return order[0] if order else None
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -629,14 +634,19 @@ def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
             w0, w1 = windows[j, season]
             in_w = (times >= w0) & (times < w1) if k else np.zeros(0, dtype=bool)
             cand = np.flatnonzero(in_w & covers[:, j] & passing)
-            chosen = choose([scenes[i] for i in cand], cfg.seasons.choice)
+            order = ranked([scenes[i] for i in cand], cfg.seasons.choice)
+            chosen = order[0] if order else None
+            # S2: the runners-up, for the build's patch-level cloud choice
+            others = order[1:cfg.seasons.candidates] if modality != S1RTC else []
             row = {"sample": samples[j], "season": season, "modality": modality,
                    "window_start": w0, "window_end": w1, "collection": col}
             if chosen is not None:
                 row.update(status="ok", reason="", item_id=chosen.item_id,
                            datetime=chosen.time, cloud_cover=chosen.cloud,
                            item_json=json.dumps(chosen.item, separators=(",", ":")),
-                           dn_offset=chosen.dn_offset, offset_rule=chosen.offset_rule)
+                           dn_offset=chosen.dn_offset, offset_rule=chosen.offset_rule,
+                           candidates=json.dumps([o.item for o in others],
+                                                 separators=(",", ":")) if others else "")
             else:
                 n_touch = int((in_w & touches[:, j]).sum()) if k else 0
                 n_cover = int((in_w & covers[:, j]).sum()) if k else 0
@@ -655,7 +665,8 @@ def choose_for_locations(scenes: list[Scene], modality: str, locs: pd.DataFrame,
                 if n_skipped:
                     reason += f" ({n_skipped} malformed item(s) skipped in this area)"
                 row.update(status="missing", reason=reason, item_id="", datetime=None,
-                           cloud_cover=float("nan"), item_json="", dn_offset=0, offset_rule="")
+                           cloud_cover=float("nan"), item_json="", dn_offset=0, offset_rule="",
+                           candidates="")
             rows.append(row)
     return rows
 
@@ -669,7 +680,7 @@ def scenes_frame(rows: list[dict]) -> pd.DataFrame:
     df["cloud_cover"] = df["cloud_cover"].astype("float32")
     df["dn_offset"] = df["dn_offset"].fillna(0).astype("int16")
     for c in ("sample", "modality", "status", "reason", "collection", "item_id", "item_json",
-              "offset_rule"):
+              "offset_rule", "candidates"):
         df[c] = df[c].astype(str)
     return df.sort_values(["sample", "season", "modality"], kind="stable").reset_index(drop=True)
 

@@ -239,12 +239,20 @@ def _template(modality: str, samples: np.ndarray, s: int):  # -> xr.Dataset
         "file_id": (("sample", "time"), lazy((n, T), f"<U{FILE_ID_LEN}", (s, T))),
         "cloud_cover": (("sample", "time"), lazy((n, T), "float32", (s, T))),
         "valid_fraction": (("sample", "time"), lazy((n, T), "float32", (s, T))),
+        "zero_bands": (("sample", "time"), lazy((n, T), "uint8", (s, T))),
         "stats_partial": (("shard", "band", "moment"),
                           lazy((n_shards(n, s), nb, len(MOMENTS)), "float64", (1, nb, 3))),
     }
     if modality.startswith("S2"):
         vars_["cloud_mask"] = (("sample", "time", "y", "x"),
                                lazy((n, T, N, N), "uint8", (s, T, N, N)))
+        vars_.update({
+            "patch_cloud_fraction": (("sample", "time"), lazy((n, T), "float32", (s, T))),
+            "candidates_tried": (("sample", "time"), lazy((n, T), "int8", (s, T))),
+            "candidate_rank": (("sample", "time"), lazy((n, T), "int8", (s, T))),
+            "dn_offset": (("sample", "time"), lazy((n, T), "int16", (s, T))),
+            "offset_rule": (("sample", "time"), lazy((n, T), f"<U{OFFSET_RULE_LEN}", (s, T))),
+        })
     ds = xr.Dataset(
         vars_,
         coords={"sample": samples.astype(f"<U{max(7, samples.dtype.itemsize // 4)}"),
@@ -259,6 +267,9 @@ def _template(modality: str, samples: np.ndarray, s: int):  # -> xr.Dataset
     ds["time_"].attrs.update(description="acquisition time; NaT where the season has no scene",
                              units="nanoseconds since 1970-01-01", calendar="proleptic_gregorian")
     ds["file_id"].attrs["description"] = "STAC item id; empty where the season has no scene"
+    for name, text in QUALITY_DESCRIPTIONS.items():
+        if name in ds:
+            ds[name].attrs["description"] = text
     if "cloud_mask" in ds:
         ds["cloud_mask"].attrs.update(
             flag_values=[0, 1, CLOUD_UNKNOWN], flag_meanings="clear cloud unknown",
@@ -283,7 +294,7 @@ def _encoding(modality: str, ds, s: int) -> dict[str, dict[str, Any]]:
         elif name == "time_":  # CF-encoded by hand: xarray cannot encode an all-NaT block
             e["_FillValue"] = NAT_INT
         elif name in ("cloud_cover", "valid_fraction", "center_lat", "center_lon", "x_", "y_",
-                      "stats_partial"):
+                      "stats_partial", "patch_cloud_fraction"):
             e["_FillValue"] = np.nan
         enc[name] = e
     return enc
@@ -391,6 +402,20 @@ def conventions() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- shard write
+#: the quality table: per sample and season, in every group (S2 groups have them all)
+QUALITY_DESCRIPTIONS = {
+    "zero_bands": "bands that are 0 (S2) or NaN (S1) on the whole patch of the chosen scene",
+    "patch_cloud_fraction": "fraction of the patch that SCL marks cloud, shadow or cirrus, "
+                            "for the chosen scene (NaN: no SCL, e.g. L1C)",
+    "candidates_tried": "scenes judged on the patch (1: the scene-level rule's scene was "
+                        "clear enough; 0: no scene)",
+    "candidate_rank": "which of the search's candidates was kept (0: the scene-level rule's)",
+    "dn_offset": "the scene's own DN offset before harmonisation (1000 or 0)",
+    "offset_rule": "what decided dn_offset (pipeline.providers.s2_offset_rule)",
+}
+OFFSET_RULE_LEN = 40
+
+
 def empty_shard(modality: str, samples: Sequence[str]) -> dict[str, np.ndarray]:
     """Numpy arrays for one shard filled with the nodata / missing markers."""
     k = len(samples)
@@ -404,9 +429,17 @@ def empty_shard(modality: str, samples: Sequence[str]) -> dict[str, np.ndarray]:
         "file_id": np.full((k, T), "", f"<U{FILE_ID_LEN}"),
         "cloud_cover": np.full((k, T), np.nan, np.float32),
         "valid_fraction": np.full((k, T), np.nan, np.float32),
+        "zero_bands": np.zeros((k, T), np.uint8),
     }
     if modality.startswith("S2"):
         out["cloud_mask"] = np.full((k, T, N, N), CLOUD_UNKNOWN, np.uint8)
+        out.update({
+            "patch_cloud_fraction": np.full((k, T), np.nan, np.float32),
+            "candidates_tried": np.zeros((k, T), np.int8),
+            "candidate_rank": np.zeros((k, T), np.int8),
+            "dn_offset": np.zeros((k, T), np.int16),
+            "offset_rule": np.full((k, T), "", f"<U{OFFSET_RULE_LEN}"),
+        })
     return out
 
 
@@ -559,7 +592,64 @@ def summary(path: str | Path) -> dict[str, Any]:
         "groups": groups, "stored_bytes": int(size),
         "bytes_per_sample": size / max(1, counts.get("complete", 0)),
         "band_stats": root.attrs.get(layout.ATTR_STATS, {}),
+        "quality": quality_summary(path),
     }
+
+
+def quality_table(path: str | Path):  # -> pd.DataFrame
+    """The quality table: one row per (sample, season, modality) of the complete samples that
+    have a scene: the chosen scene, the scene-level cloud cover, candidates tried and the rank
+    kept, the patch's cloud and valid fractions, all-empty bands, the DN offset and its rule.
+    Columns a store from before the quality table lacks are left out."""
+    import pandas as pd
+
+    root = open_root(path)
+    status = np.asarray(root["status"][...])
+    ids = np.asarray(root["sample"][...]).astype(str)
+    done = status == layout.STATUS_CODES["complete"]
+    frames = []
+    for m in root.attrs.get("ssl4eo:modalities", []):
+        g = root[m]
+        fid = np.asarray(g["file_id"][...]).astype(str)
+        have = done[:, None] & (fid != "")
+        si, ti = np.nonzero(have)
+        cols: dict[str, Any] = {"sample": ids[si], "season": ti.astype(np.int8),
+                                "modality": m, "file_id": fid[si, ti]}
+        for name in ("cloud_cover", "candidates_tried", "candidate_rank",
+                     "patch_cloud_fraction", "valid_fraction", "zero_bands", "dn_offset",
+                     "offset_rule"):
+            if name in g:
+                values = np.asarray(g[name][...])
+                cols[name] = values[si, ti].astype(str) if values.dtype.kind == "U" else \
+                    values[si, ti]
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def quality_summary(path: str | Path) -> dict[str, Any]:
+    """The quality table per modality: seasons with a scene, mean and 90th percentile of the
+    patch cloud fraction, seasons where the patch rule took a runner-up, mean candidates
+    tried, seasons with an all-empty band, and the offset rules applied."""
+    df = quality_table(path)
+    out: dict[str, Any] = {}
+    for m, sub in (df.groupby("modality") if len(df) else []):
+        q: dict[str, Any] = {"seasons": int(len(sub))}
+        if "patch_cloud_fraction" in sub and sub["patch_cloud_fraction"].notna().any():
+            pcf = sub["patch_cloud_fraction"].dropna()
+            q.update(patch_cloud_mean=round(float(pcf.mean()), 5),
+                     patch_cloud_p90=round(float(pcf.quantile(0.9)), 5))
+        if "valid_fraction" in sub:
+            q["valid_mean"] = round(float(sub["valid_fraction"].mean()), 5)
+        if "candidate_rank" in sub:
+            q["runner_up_taken"] = int((sub["candidate_rank"] > 0).sum())
+            q["candidates_tried_mean"] = round(float(sub["candidates_tried"].mean()), 3)
+        if "zero_bands" in sub:
+            q["seasons_with_empty_band"] = int((sub["zero_bands"] > 0).sum())
+        if "offset_rule" in sub:
+            q["offset_rules"] = {str(k): int(v) for k, v in
+                                 sub["offset_rule"].value_counts().items() if k}
+        out[str(m)] = q
+    return out
 
 
 def stored_bytes(path: str | Path) -> int:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,10 +65,16 @@ def test_clean_build_is_complete(clean_store: Path, demo_tables: dict) -> None:
     scenes = pd.read_parquet(demo_tables["scenes"])
     ok = scenes[(scenes["status"] == "ok") & (scenes["modality"] == "S2L2A")]
     fid = s2["file_id"].values
-    # every chosen scene is in the store at its season, and no season is filled without one
+    # every chosen scene is in the store at its season (the scene-level rule's, or, where the
+    # patch rule took a runner-up, that candidate), and no season is filled without one
+    rank = s2["candidate_rank"].values
     for r in ok.itertuples():
         i = list(s2["sample"].values).index(r.sample)
-        assert fid[i, r.season] == r.item_id
+        if rank[i, r.season] == 0:
+            assert fid[i, r.season] == r.item_id
+        else:
+            others = [c["id"] for c in json.loads(r.candidates)]
+            assert fid[i, r.season] == others[rank[i, r.season] - 1]
     assert (fid != "").sum() == len(ok)
     t = s2["time_"].values
     assert np.all(np.isnat(t[fid == ""]))

@@ -151,6 +151,7 @@ def scene_row(sample: str, season: int, modality: str, item: dict | None,
         **dict(zip(("dn_offset", "offset_rule"),
                    s2_offset_rule(item) if ok and modality.startswith("S2") else (0, ""),
                    strict=True)),
+        "candidates": "",
     }
 
 
