@@ -28,6 +28,12 @@ time_              (sample, time)                 datetime64[ns] (NaT where miss
 file_id            (sample, time)                 <U80 (STAC item id; "" where missing)
 cloud_cover        (sample, time)                 float32 (scene eo:cloud_cover, NaN for S1)
 valid_fraction     (sample, time)                 float32 (valid-pixel fraction of the patch)
+zero_bands         (sample, time)                 uint8  (bands empty on the whole patch)
+patch_cloud_fr...  (sample, time)                 float32 (S2: SCL cloud fraction of the patch)
+candidates_tried   (sample, time)                 int8   (S2: scenes judged on the patch)
+candidate_rank     (sample, time)                 int8   (S2: 0 = the scene-level rule's scene)
+dn_offset          (sample, time)                 int16  (S2: the scene's own DN offset)
+offset_rule        (sample, time)                 <U40   (S2: what decided dn_offset)
 =================  =============================  ====================================
 
 Coordinates: ``sample`` (7-digit id strings), ``time`` (0..3), ``band`` (names), ``y``/``x``
