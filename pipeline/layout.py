@@ -83,6 +83,24 @@ S2_BAND_GSD: dict[str, int] = {
 S2_OFFSET_CONVENTIONS = {"v1.1": 1000, "v1": 0}
 S2_DEFAULT_CONVENTION = "v1.1"
 S2_BASELINE_OFFSET = 1000
+
+
+def recorded_convention(attrs: dict) -> tuple[str, int]:
+    """``(name, DN offset)`` of the S2 convention a store records in its root attributes
+    (``ssl4eo:conventions``: ``s2_offset_convention`` is the name, ``s2_offset`` the offset);
+    a store that records none is v1.1, the only convention written before it was recorded."""
+    conv = dict(attrs.get(ATTR_CONVENTIONS) or {})
+    name = conv.get("s2_offset_convention")
+    if name is None and isinstance(conv.get("s2_offset"), str):
+        name = conv["s2_offset"]  # an early layout put the name under the offset's key
+    if name is None and conv.get("s2_offset") is not None:
+        by_offset = {v: k for k, v in S2_OFFSET_CONVENTIONS.items()}
+        name = by_offset.get(int(conv["s2_offset"]))
+    name = str(name or S2_DEFAULT_CONVENTION)
+    if name not in S2_OFFSET_CONVENTIONS:
+        raise ValueError(f"unknown S2 offset convention {name!r} recorded in the store "
+                         f"(known: {', '.join(S2_OFFSET_CONVENTIONS)})")
+    return name, S2_OFFSET_CONVENTIONS[name]
 S2_OFFSET_BASELINE = "04.00"
 S2_NODATA = 0
 #: Sentinel-1 stored in dB, float32, NaN as nodata.

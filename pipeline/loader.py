@@ -131,6 +131,10 @@ class StoreIndex:
     lon: np.ndarray
     modalities: dict[str, ModalityIndex]
     stats: dict[str, Any]
+    #: the S2 offset convention the store records (``ssl4eo:conventions``) and its DN offset:
+    #: stored S2 values are ``10000 * reflectance + s2_offset``
+    convention: str = layout.S2_DEFAULT_CONVENTION
+    s2_offset: int = layout.S2_OFFSET_CONVENTIONS[layout.S2_DEFAULT_CONVENTION]
 
     @property
     def n_samples(self) -> int:
@@ -280,7 +284,15 @@ def read_store_index(
     return StoreIndex(
         url=os.fspath(url), sample_ids=sample_ids, status=status, lat=lat, lon=lon,
         modalities=index, stats=dict(attrs.get(layout.ATTR_STATS) or {}),
+        **dict(zip(("convention", "s2_offset"), _convention(attrs, shown), strict=True)),
     )
+
+
+def _convention(attrs: dict, shown: str) -> tuple[str, int]:
+    try:
+        return layout.recorded_convention(attrs)
+    except ValueError as exc:
+        raise StoreError(f"store {shown!r}: {exc}") from None
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -683,7 +683,8 @@ def run_build(
                             scenes, locations,
                             _redact(asdict(options)), digests=digests, task_tables=task_tables)
     created = store.create_store(store_path, list(locs["sample"]), mods, provenance=prov,
-                                 shard_samples=options.shard_samples)
+                                 shard_samples=options.shard_samples,
+                                 convention=options.convention)
     root = store.open_root(store_path)
     s = int(root.attrs.get("ssl4eo:shard_samples", options.shard_samples))
     if s != options.shard_samples:

@@ -216,7 +216,8 @@ def open_root(path: str | Path, mode: str = "r"):  # -> zarr.Group
 
 
 # ---------------------------------------------------------------------------------- template
-def _template(modality: str, samples: np.ndarray, s: int):  # -> xr.Dataset
+def _template(modality: str, samples: np.ndarray, s: int,  # -> xr.Dataset
+              convention: str = layout.S2_DEFAULT_CONVENTION):
     import dask.array as da
     import xarray as xr
 
@@ -262,7 +263,8 @@ def _template(modality: str, samples: np.ndarray, s: int):  # -> xr.Dataset
     ds["bands"].attrs.update(
         nodata=(float("nan") if modality.startswith("S1") else layout.S2_NODATA),
         units=("dB (10*log10 gamma0 RTC)" if modality.startswith("S1")
-               else f"DN = 10000 * reflectance + offset ({layout.S2_DEFAULT_CONVENTION})"),
+               else f"DN = 10000 * reflectance + {layout.S2_OFFSET_CONVENTIONS[convention]} "
+               f"({convention} convention)"),
     )
     ds["time_"].attrs.update(description="acquisition time; NaT where the season has no scene",
                              units="nanoseconds since 1970-01-01", calendar="proleptic_gregorian")
@@ -308,11 +310,12 @@ def create_store(
     *,
     provenance: Mapping[str, Any],
     shard_samples: int = layout.SHARD_SAMPLES,
+    convention: str = layout.S2_DEFAULT_CONVENTION,
 ) -> bool:
     """Write the template once (or reuse a compatible existing store). Returns True if created.
 
-    An existing store with other samples or modalities, or a path holding anything else, is an
-    error: nothing there is touched.
+    An existing store with other samples or modalities or another S2 offset ``convention``,
+    or a path holding anything else, is an error: nothing there is touched.
     """
     import xarray as xr
     import zarr
@@ -344,6 +347,13 @@ def create_store(
                 f" groups {sorted(groups)}) than this build ({len(samples_arr)} samples, "
                 f"{sorted(modalities)}); use a new --store path (or --overwrite)"
             )
+        have_conv = layout.recorded_convention(dict(root.attrs))[0]
+        if have_conv != convention:
+            raise StoreError(
+                f"store {path} holds S2 values in the {have_conv} convention and this build "
+                f"asks for {convention}; resume with --convention {have_conv}, or use a new "
+                "--store path (or --overwrite)"
+            )
         return False
     check_writable(path)
     fs.pipe_file(marker, b"ssl4eo store template being written; removed when it is complete\n")
@@ -359,7 +369,7 @@ def create_store(
     root_ds.attrs.update({
         layout.ATTR_SCHEMA: layout.SCHEMA_VERSION,
         layout.ATTR_PROVENANCE: dict(provenance),
-        layout.ATTR_CONVENTIONS: conventions(),
+        layout.ATTR_CONVENTIONS: conventions(convention),
         layout.ATTR_STATS: {},
         "ssl4eo:modalities": list(modalities),
         "ssl4eo:shard_samples": s,
@@ -370,7 +380,7 @@ def create_store(
                     encoding={"status": {"chunks": (s,), "fill_value": np.uint8(0)},
                               "failure": {"chunks": (s,)}})
     for m in modalities:
-        ds = _template(m, samples_arr, s)
+        ds = _template(m, samples_arr, s, convention)
         ds.to_zarr(target, group=m, mode="w", zarr_format=3, compute=False,
                    consolidated=False, encoding=_encoding(m, ds, s))
     zarr.consolidate_metadata(target, zarr_format=3)
@@ -388,10 +398,15 @@ def _creating_marker(path: str | Path):  # -> (fsspec filesystem, marker path)
     return fs, p.rstrip("/") + ".ssl4eo-creating"
 
 
-def conventions() -> dict[str, Any]:
+def conventions(convention: str = layout.S2_DEFAULT_CONVENTION) -> dict[str, Any]:
+    """The root group's ``ssl4eo:conventions``: what the values mean, with the S2 offset
+    convention the build wrote (``--convention``)."""
+    if convention not in layout.S2_OFFSET_CONVENTIONS:
+        raise StoreError(f"unknown S2 offset convention {convention!r}: choose one of "
+                         f"{', '.join(layout.S2_OFFSET_CONVENTIONS)}")
     return {
-        "s2_offset_convention": layout.S2_DEFAULT_CONVENTION,
-        "s2_offset": layout.S2_OFFSET_CONVENTIONS[layout.S2_DEFAULT_CONVENTION],
+        "s2_offset_convention": convention,
+        "s2_offset": layout.S2_OFFSET_CONVENTIONS[convention],
         "s2_nodata": layout.S2_NODATA,
         "s1_units": "dB", "s1_nodata": "NaN",
         "cloud_mask": {"0": "clear", "1": "cloud/shadow/cirrus (SCL 3, 8, 9, 10)",
@@ -559,13 +574,14 @@ def finalize(path: str | Path) -> dict[str, Any]:
 
     root = open_root(path, mode="r+")
     stats: dict[str, Any] = {}
+    convention = layout.recorded_convention(dict(root.attrs))[0]
     for m in root.attrs.get("ssl4eo:modalities", []):
         parts = np.asarray(root[m]["stats_partial"][...])
         count, mean, std = combine_moments(parts)
         stats[m] = {"bands": list(layout.BANDS[m]), "mean": [float(v) for v in mean],
                     "std": [float(v) for v in std], "count": [int(c) for c in count],
                     "units": "dB" if m.startswith("S1") else
-                    f"DN ({layout.S2_DEFAULT_CONVENTION} offset convention)"}
+                    f"DN ({convention} offset convention)"}
     root.attrs[layout.ATTR_STATS] = stats
     zarr.consolidate_metadata(_target(path, "r+"), zarr_format=3)
     return stats

@@ -162,7 +162,9 @@ def write_store(
         arr[:] = codes
         attrs: dict = {
             layout.ATTR_SCHEMA: schema_version,
-            layout.ATTR_CONVENTIONS: {"s2_offset": layout.S2_DEFAULT_CONVENTION},
+            layout.ATTR_CONVENTIONS: {
+                "s2_offset_convention": layout.S2_DEFAULT_CONVENTION,
+                "s2_offset": layout.S2_OFFSET_CONVENTIONS[layout.S2_DEFAULT_CONVENTION]},
         }
         if stats:
             attrs[layout.ATTR_STATS] = {m: store_stats(m) for m in modalities}

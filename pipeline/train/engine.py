@@ -215,10 +215,8 @@ def input_metadata(dataset: Any, modalities: tuple[str, ...]) -> dict[str, Any]:
             attrs = dict(_open_root(url, getattr(dataset, "storage_options", None)).attrs)
         except Exception:  # noqa: BLE001 - metadata only; the store was readable for training
             attrs = {}
-        conv = (attrs.get(layout.ATTR_CONVENTIONS) or {}).get(
-            "s2_offset", layout.S2_DEFAULT_CONVENTION)
-        meta["s2_offset"] = int(layout.S2_OFFSET_CONVENTIONS.get(
-            conv, layout.S2_OFFSET_CONVENTIONS[layout.S2_DEFAULT_CONVENTION]))
+        # by the recorded name (the offset follows from it)
+        meta["s2_convention"], meta["s2_offset"] = layout.recorded_convention(attrs)
     return meta
 
 
