@@ -180,6 +180,9 @@ def _add_pretrain(subparsers: Any) -> None:
                    help="clip the gradient norm to this value (0: off)")
     m.add_argument("--max-steps-per-epoch", type=int, default=None,
                    help="cap the steps of every epoch (quick trials)")
+    m.add_argument("--repeats", type=int, default=1,
+                   help="passes over the store per epoch, each with new season draws and "
+                   "augmentations (a small store: longer epochs, fewer checkpoints)")
     mo = p.add_argument_group("method options (each applies to the methods named)")
     mo.add_argument("--queue-size", type=int, default=None,
                     help="moco: negatives in the queue (65536); a multiple of the global batch")
@@ -317,6 +320,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "resume": resume,
         "stop_after": args.stop_after,
         "max_steps_per_epoch": args.max_steps_per_epoch,
+        "repeats": args.repeats,
         "local_size": args.local_size,
         "progress": not args.no_progress,
     }
