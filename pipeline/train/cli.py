@@ -57,6 +57,7 @@ _METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "moco_dim": {"moco": "dim"},
     "temperature": {"moco": "temperature"},
     "moco_momentum": {"moco": "momentum"},
+    "bn_splits": {"moco": "bn_splits"},
     "out_dim": {"dino": "out_dim"},
     "teacher_temp": {"dino": "teacher_temp"},
     "teacher_momentum": {"dino": "momentum_teacher"},
@@ -191,6 +192,10 @@ def _add_pretrain(subparsers: Any) -> None:
                     help="moco: softmax temperature (0.2)")
     mo.add_argument("--moco-momentum", type=float, default=None,
                     help="moco: key-encoder momentum (0.999)")
+    mo.add_argument("--bn-splits", type=int, default=None,
+                    help="moco, one process: BatchNorm groups of the batch, keys shuffled "
+                    "across them so BN statistics cannot pair query and key (4; 1: off; "
+                    "DDP shuffles across ranks instead)")
     mo.add_argument("--out-dim", type=int, default=None, help="dino: head output size (65536)")
     mo.add_argument("--teacher-temp", type=float, default=None,
                     help="dino: teacher temperature (0.04)")
