@@ -162,3 +162,39 @@ def test_eurosat_bands_are_named_by_what_they_hold() -> None:
     assert np.corrcoef(bands["B08"], bands["B8A"])[0, 1] > 0.95
     assert np.corrcoef(bands["B08"], bands["B09"])[0, 1] < 0.9
     assert bands["B10"].mean() < 100 < bands["B09"].mean()
+
+
+# ------------------------------------------------------------------------------ collapse
+@pytest.mark.parametrize("method", ["dino", "data2vec"])
+def test_teacher_methods_do_not_collapse(store: Path, tmp_path: Path, method: str) -> None:
+    # DINO and data2vec regress an EMA teacher: the trivial solution is one output for every
+    # image. After a short run with the learning benchmark's settings (fast EMA), the
+    # features of fresh views must still spread like those of random weights.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning", REPO / "benchmarks" / "learning.py")
+    learning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learning)
+    from pipeline.train.engine import pretrain
+    from pipeline.train.export import load_backbone, random_backbone, spec_from_file
+    from pipeline.train.probe import extract_features
+
+    rec = learning.RECIPES[method]
+    kwargs = dict(rec["method_kwargs"])
+    if method == "dino":
+        kwargs.update(out_dim=256, hidden_dim=64, bottleneck_dim=32)
+    cfg = small_config(method, str(store), str(tmp_path / method), arch=rec["arch"],
+                       crop_size=32, batch_size=6, epochs=2, repeats=4, lr=rec["lr"] * 256 / 6
+                       if method == "dino" else rec["lr"], warmup_epochs=0.2, progress=False,
+                       log_every=0, method_kwargs=kwargs)
+    summary = pretrain(cfg)
+    losses = [x for h in summary["history"] for x in h["losses"]]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    model, _ = load_backbone(summary["weights"])
+    ds = build_dataset(small_config("mae", str(store), "unused", crop_size=32).resolved())
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))] * 2)
+    images[len(ds):] = images[len(ds):].flip(-1)
+    trained = feature_spread(extract_features(model, images, image_size=32))
+    rand = feature_spread(extract_features(random_backbone(spec_from_file(summary["weights"]), 0),
+                                           images, image_size=32))
+    assert trained > 0.5 * rand, (trained, rand)
