@@ -23,7 +23,9 @@ non-finite check, optimizer step, EMA/queue/centre updates), fed
 Reported per mode: ``images_per_s`` (locations per second; MoCo runs 2 views per location, DINO
 2 global + ``n_local`` local crops), ``step_ms``, ``peak_mem_gib`` (``torch.cuda.
 max_memory_allocated``; ``null`` on CPU, where ``peak_rss_gib`` of the process is given), and
-the first/last loss. ``store_vs_synthetic`` = store / synthetic images per second (1.0: the
+the first/last loss, and the loader stall: ``loader_wait_s``, the seconds the loop waited
+for a batch, and ``stall_fraction``, their share of the timed steps (0: the loader keeps
+the device busy). ``store_vs_synthetic`` = store / synthetic images per second (1.0: the
 loader keeps up), ``loader_overhead_pct`` = (1 - that) x 100.
 
 Without ``--store``, a store of ``--store-samples`` locations x 4 seasons x 13 bands (S2L1C, as
@@ -61,6 +63,28 @@ class _Continuing:
 
     def __iter__(self) -> Any:
         return self.iterator
+
+
+class _TimedNext:
+    """Wraps an iterator and adds up the seconds spent waiting in ``next()``: the loader stall.
+
+    The engine reads ``loss.item()`` every step, which waits for the device, so when the loop
+    asks for the next batch the device is idle: time spent in ``next()`` is time the device
+    waits for data."""
+
+    def __init__(self, iterator: Any) -> None:
+        self.iterator = iterator
+        self.wait_s = 0.0
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.wait_s += time.perf_counter() - t0
 
 
 class _Repeat:
@@ -166,9 +190,12 @@ def run_one(method: str, arch: str, args: argparse.Namespace, store: str) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        stats = train_one_epoch(st, model, source, 0, args.steps, big, 0, lr, cfg, device,
-                                amp_dtype, jlog)
+        waits = _TimedNext(iter(source))
+        stats = train_one_epoch(st, model, _Continuing(waits), 0, args.steps, big, 0, lr, cfg,
+                                device, amp_dtype, jlog)
         out = {
+            "loader_wait_s": waits.wait_s,
+            "stall_fraction": waits.wait_s / stats["time_s"] if stats["time_s"] else None,
             "images_per_s": stats["images_per_s"],
             "step_ms": 1000 * stats["time_s"] / args.steps,
             "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30

@@ -465,5 +465,6 @@ def test_benchmark_runs_small_on_cpu() -> None:
         assert r["in_chans"] == 13 and r["batch_size"] == 4 and r["crop_size"] == 32
         for mode in ("store", "synthetic"):
             assert r[mode]["images_per_s"] > 0 and math.isfinite(r[mode]["loss_last"])
+            assert 0.0 <= r[mode]["stall_fraction"] < 1.0 and r[mode]["loader_wait_s"] >= 0
         assert r["store_vs_synthetic"] == pytest.approx(
             r["store"]["images_per_s"] / r["synthetic"]["images_per_s"])

@@ -57,6 +57,7 @@ _METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "moco_dim": {"moco": "dim"},
     "temperature": {"moco": "temperature"},
     "moco_momentum": {"moco": "momentum"},
+    "bn_splits": {"moco": "bn_splits"},
     "out_dim": {"dino": "out_dim"},
     "teacher_temp": {"dino": "teacher_temp"},
     "teacher_momentum": {"dino": "momentum_teacher"},
@@ -180,6 +181,9 @@ def _add_pretrain(subparsers: Any) -> None:
                    help="clip the gradient norm to this value (0: off)")
     m.add_argument("--max-steps-per-epoch", type=int, default=None,
                    help="cap the steps of every epoch (quick trials)")
+    m.add_argument("--repeats", type=int, default=1,
+                   help="passes over the store per epoch, each with new season draws and "
+                   "augmentations (a small store: longer epochs, fewer checkpoints)")
     mo = p.add_argument_group("method options (each applies to the methods named)")
     mo.add_argument("--queue-size", type=int, default=None,
                     help="moco: negatives in the queue (65536); a multiple of the global batch")
@@ -188,6 +192,10 @@ def _add_pretrain(subparsers: Any) -> None:
                     help="moco: softmax temperature (0.2)")
     mo.add_argument("--moco-momentum", type=float, default=None,
                     help="moco: key-encoder momentum (0.999)")
+    mo.add_argument("--bn-splits", type=int, default=None,
+                    help="moco, one process: BatchNorm groups of the batch, keys shuffled "
+                    "across them so BN statistics cannot pair query and key (4; 1: off; "
+                    "DDP shuffles across ranks instead)")
     mo.add_argument("--out-dim", type=int, default=None, help="dino: head output size (65536)")
     mo.add_argument("--teacher-temp", type=float, default=None,
                     help="dino: teacher temperature (0.04)")
@@ -317,6 +325,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "resume": resume,
         "stop_after": args.stop_after,
         "max_steps_per_epoch": args.max_steps_per_epoch,
+        "repeats": args.repeats,
         "local_size": args.local_size,
         "progress": not args.no_progress,
     }

@@ -83,6 +83,7 @@ class TrainConfig:
     resume: str | None = "auto"  # "auto": out_dir/checkpoint.pt if present; a path; None
     stop_after: int | None = None  # epochs to run in this invocation (pre-emptible jobs)
     max_steps_per_epoch: int | None = None  # cap for demos and tests
+    repeats: int = 1  # passes over the store per epoch (RepeatDataset; small stores)
     n_local: int = 8  # DINO local crops
     local_size: int | None = None  # DINO local crop size (default 96/224 of crop_size)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -168,12 +169,47 @@ def build_dataset(cfg: TrainConfig) -> Any:
     views = {"moco": MoCo, "dino": DINO, "mae": MAE, "data2vec": Data2Vec}[cfg.method].num_season_views
     transforms = recipe(cfg.method, cfg.crop_size, local_size=cfg.local_size, n_local=cfg.n_local)
     if views == 1:
-        return ZarrPatchDataset(cfg.store, modalities=cfg.modalities, seasons="random",
-                                normalize=True, transform=transforms[0], seed=cfg.seed,
-                                return_metadata=False)
-    return ZarrPatchDataset(cfg.store, modalities=cfg.modalities, seasons="augment",
-                            num_views=views, normalize=True, transform=transforms, seed=cfg.seed,
-                            return_metadata=False)
+        ds = ZarrPatchDataset(cfg.store, modalities=cfg.modalities, seasons="random",
+                              normalize=True, transform=transforms[0], seed=cfg.seed,
+                              return_metadata=False)
+    else:
+        ds = ZarrPatchDataset(cfg.store, modalities=cfg.modalities, seasons="augment",
+                              num_views=views, normalize=True, transform=transforms,
+                              seed=cfg.seed, return_metadata=False)
+    return RepeatDataset(ds, cfg.repeats) if cfg.repeats > 1 else ds
+
+
+class RepeatDataset:
+    """``repeats`` passes over ``dataset`` per epoch, each pass with its own season draws and
+    augmentations: item ``k`` is ``dataset[k % n]`` drawn at the inner epoch
+    ``epoch * repeats + k // n``. A small store (the demo's 25-60 locations make 3-7 batches)
+    then gives epochs long enough for a learning-rate schedule, with one checkpoint each
+    instead of one every few steps. Draws stay functions of (seed, epoch, index), so resume
+    is still exact. Other attributes (``num_bands``, ``band_names``, ...) are the dataset's.
+    """
+
+    def __init__(self, dataset: Any, repeats: int) -> None:
+        if repeats < 1:
+            raise UserError(f"repeats {repeats}: give a positive number of passes per epoch")
+        self.dataset, self.repeats, self.epoch = dataset, int(repeats), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, k: int) -> Any:
+        n = len(self.dataset)
+        if not 0 <= k < n * self.repeats:
+            raise IndexError(f"index {k} out of range for {n * self.repeats} items")
+        self.dataset.set_epoch(self.epoch * self.repeats + k // n)
+        return self.dataset[k % n]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def build_loader(dataset: Any, cfg: TrainConfig, device: torch.device, sampler: Any,

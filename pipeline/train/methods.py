@@ -132,14 +132,23 @@ class MoCo(Method):
     """MoCo-v2 (He et al. 2020; Chen et al. 2020): query/key encoders, a queue of negatives.
 
     Paper setting: ResNet-50, 2-layer MLP head to 128-d, queue 65,536, T 0.2, m 0.999. In DDP
-    the key batch is shuffled across ranks (MoCo's shuffling BN); in one process it is not.
+    the key batch is shuffled across ranks (MoCo's shuffling BN). In one process BatchNorm
+    would see a location's query and key in batches of the same locations, whose statistics
+    leak which key belongs to which query (a shortcut that lowers the loss without learning
+    the image); so there the batch is split into ``bn_splits`` groups normalised separately
+    (the SplitBatchNorm of MoCo's single-GPU CIFAR demo), the keys shuffled before the split,
+    and a location's query and key fall in different groups.
     """
 
     name = "moco"
 
     def __init__(self, spec: BackboneSpec, dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, temperature: float = 0.2, mlp: bool = True) -> None:
+                 momentum: float = 0.999, temperature: float = 0.2, mlp: bool = True,
+                 bn_splits: int = 4) -> None:
         super().__init__()
+        if bn_splits < 1:
+            raise UserError(f"MoCo bn_splits {bn_splits}: give 1 (off) or more groups")
+        self.bn_splits = bn_splits
         self.momentum = momentum
         self.temperature = temperature
         self.queue_size = queue_size
@@ -162,17 +171,40 @@ class MoCo(Method):
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         im_q, im_k = views[0], views[1]
-        q = F.normalize(self.head_q(self.encoder_q(im_q)).float(), dim=1)
+        splits = self._local_splits(im_q.shape[0])
+        if splits > 1:
+            q = torch.cat([self.encoder_q(c) for c in im_q.chunk(splits)])
+        else:
+            q = self.encoder_q(im_q)
+        q = F.normalize(self.head_q(q).float(), dim=1)
         with torch.no_grad():
-            im_k, unshuffle = _batch_shuffle(im_k)
-            k = F.normalize(self.head_k(self.encoder_k(im_k)).float(), dim=1)
-            k = _batch_unshuffle(k, unshuffle)
+            if splits > 1:
+                # shuffled, so that query i and key i sit in different BN groups
+                perm = torch.randperm(im_k.shape[0], device=im_k.device)
+                k = torch.cat([self.encoder_k(c) for c in im_k[perm].chunk(splits)])
+                k = k[torch.argsort(perm)]
+            else:
+                im_k, unshuffle = _batch_shuffle(im_k)
+                k = _batch_unshuffle(self.encoder_k(im_k), unshuffle)
+            k = F.normalize(self.head_k(k).float(), dim=1)
         l_pos = (q * k).sum(dim=1, keepdim=True)
         l_neg = q @ self.queue.clone().detach()
         logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._pending_keys = k.detach()
         return F.cross_entropy(logits, labels)
+
+    def _local_splits(self, batch: int) -> int:
+        """BN groups for one process: at most ``bn_splits``, the most that divide the batch
+        into groups of 4 or more (fewer samples make BN statistics too noisy); 1 without
+        BatchNorm and under DDP (which shuffles across ranks instead)."""
+        if D.is_distributed() or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                         for m in self.encoder_q.modules()):
+            return 1
+        s = self.bn_splits
+        while s > 1 and (batch % s or batch // s < 4):
+            s -= 1
+        return s
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
