@@ -104,6 +104,12 @@ class Stats:
             entry["ranges"] += int(ranged)
             entry["whole"] += int(whole)
 
+    def add_bytes(self, path: str, nbytes: int) -> None:
+        path = path.split("?", 1)[0]
+        with self._lock:
+            self.bytes += nbytes
+            self.paths[path]["bytes"] += nbytes
+
     def as_dict(self) -> dict:
         with self._lock:
             return {
@@ -176,8 +182,8 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                     self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
                     self.send_header("Content-Range", f"bytes */{size}")
                     self.send_header("Content-Length", "0")
-                    self.end_headers()
                     self.stats.add(self.path, 0, True)
+                    self.end_headers()
                     return
             common = [
                 ("Accept-Ranges", "bytes"),
@@ -190,9 +196,11 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                     self.send_header(k, v)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(size))
+                planned = 0 if head else size
+                self.stats.add(self.path, planned, False, whole=not head)
                 self.end_headers()
-                sent = 0 if head else self._copy(f, 0, size - 1)
-                self.stats.add(self.path, sent, False, whole=not head)
+                if not head:
+                    self._correct(planned, self._copy(f, 0, size - 1))
                 return
             if len(ranges) == 1:
                 start, end = ranges[0]
@@ -202,9 +210,11 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.send_header("Content-Length", str(end - start + 1))
+                planned = 0 if head else end - start + 1
+                self.stats.add(self.path, planned, True)
                 self.end_headers()
-                sent = 0 if head else self._copy(f, start, end)
-                self.stats.add(self.path, sent, True)
+                if not head:
+                    self._correct(planned, self._copy(f, start, end))
                 return
             boundary = uuid.uuid4().hex
             heads = [
@@ -222,16 +232,25 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
                 self.send_header(k, v)
             self.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
             self.send_header("Content-Length", str(length))
+            planned = 0 if head else sum(e - s + 1 for s, e in ranges)
+            self.stats.add(self.path, planned, True)
             self.end_headers()
-            sent = 0
             if not head:
+                sent = 0
                 for i, ((s, e), h) in enumerate(zip(ranges, heads)):
                     if i:
                         self.wfile.write(b"\r\n")
                     self.wfile.write(h)
                     sent += self._copy(f, s, e)
                 self.wfile.write(tail)
-            self.stats.add(self.path, sent, True)
+                self._correct(planned, sent)
+
+    def _correct(self, planned: int, sent: int) -> None:
+        """Counters are written before the response leaves (a client that reads ``/_stats``
+        right after its last response must see it counted); a client that hung up mid-body
+        got fewer bytes than planned."""
+        if sent != planned:
+            self.stats.add_bytes(self.path, sent - planned)
 
     def _copy(self, f, start: int, end: int) -> int:
         """Send bytes ``start..end`` (inclusive) of ``f``; returns the count sent."""
