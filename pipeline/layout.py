@@ -34,7 +34,14 @@ candidates_tried   (sample, time)                 int8   (S2: scenes judged on t
 candidate_rank     (sample, time)                 int8   (S2: 0 = the scene-level rule's scene)
 dn_offset          (sample, time)                 int16  (S2: the scene's own DN offset)
 offset_rule        (sample, time)                 <U40   (S2: what decided dn_offset)
+band_mean/std      (band,)                        float64 (valid-pixel statistics, by finalize)
+band_count         (band,)                        int64  (valid pixels counted per band)
 =================  =============================  ====================================
+
+Each group describes itself (``xr.open_zarr(store, group="S2L2A")`` needs no root group): its
+attributes give ``title``, ``description``, ``units``, ``nodata``, ``bands``, the S2 offset
+convention (``s2_offset_convention``, ``s2_offset``, ``reflectance``) and per-band wavelength
+and native GSD; every variable has CF-style ``long_name`` / ``units`` / ``standard_name``.
 
 Coordinates: ``sample`` (7-digit id strings), ``time`` (0..3), ``band`` (names), ``y``/``x``
 (0..263 pixel index). Chunks: one (sample, time) per inner chunk of ``bands``; shards hold

@@ -260,22 +260,10 @@ def _template(modality: str, samples: np.ndarray, s: int,  # -> xr.Dataset
                 "time": np.arange(T, dtype=np.int8), "band": list(bands),
                 "y": np.arange(N, dtype=np.int16), "x": np.arange(N, dtype=np.int16)},
     )
-    ds["bands"].attrs.update(
-        nodata=(float("nan") if modality.startswith("S1") else layout.S2_NODATA),
-        units=("dB (10*log10 gamma0 RTC)" if modality.startswith("S1")
-               else f"DN = 10000 * reflectance + {layout.S2_OFFSET_CONVENTIONS[convention]} "
-               f"({convention} convention)"),
-    )
-    ds["time_"].attrs.update(description="acquisition time; NaT where the season has no scene",
-                             units="nanoseconds since 1970-01-01", calendar="proleptic_gregorian")
-    ds["file_id"].attrs["description"] = "STAC item id; empty where the season has no scene"
-    for name, text in QUALITY_DESCRIPTIONS.items():
+    ds.attrs.update(group_attrs(modality, convention))
+    for name, attrs in variable_attrs(modality, convention).items():
         if name in ds:
-            ds[name].attrs["description"] = text
-    if "cloud_mask" in ds:
-        ds["cloud_mask"].attrs.update(
-            flag_values=[0, 1, CLOUD_UNKNOWN], flag_meanings="clear cloud unknown",
-            scl_cloud_classes=list(layout.SCL_CLOUD_CLASSES))
+            ds[name].attrs.update(attrs)
     return ds
 
 
@@ -414,6 +402,114 @@ def conventions(convention: str = layout.S2_DEFAULT_CONVENTION) -> dict[str, Any
         "time": "season index 0..3, chronological; time_ NaT / file_id '' where missing",
         "status": layout.STATUS_CODES,
     }
+
+
+# --------------------------------------------------------------------------- self-description
+#: What each group holds, in a sentence (the group's ``description`` attribute).
+GROUP_DESCRIPTIONS = {
+    layout.S2L2A: "Sentinel-2 Level-2A bottom-of-atmosphere reflectance, 12 bands",
+    layout.S2L1C: "Sentinel-2 Level-1C top-of-atmosphere reflectance, 13 bands",
+    layout.S1RTC: "Sentinel-1 radiometrically terrain corrected backscatter (gamma0), VV and VH",
+}
+#: Central wavelength of each Sentinel-2 band, nm (Sentinel-2A, ESA's spectral response).
+S2_BAND_WAVELENGTH_NM = {
+    "B01": 443, "B02": 490, "B03": 560, "B04": 665, "B05": 705, "B06": 740, "B07": 783,
+    "B08": 842, "B8A": 865, "B09": 945, "B10": 1375, "B11": 1610, "B12": 2190,
+}
+_PATCH = (f"{N} x {N} px at {layout.PIXEL_SIZE_M:g} m on the location's UTM grid, one scene per "
+          f"season ({T} seasons)")
+
+
+def bands_units(modality: str, convention: str = layout.S2_DEFAULT_CONVENTION) -> str:
+    """The ``units`` of a group's ``bands`` (and of its ``band_mean`` / ``band_std``)."""
+    if modality.startswith("S1"):
+        return "dB"
+    return (f"DN = 10000 * reflectance + {layout.S2_OFFSET_CONVENTIONS[convention]} "
+            f"({convention} convention)")
+
+
+def group_attrs(modality: str, convention: str = layout.S2_DEFAULT_CONVENTION) -> dict:
+    """A modality group's own attributes: what it holds, its units, nodata and convention, so
+    that ``xr.open_zarr(store, group=...)`` describes itself without the root group."""
+    bands = list(layout.BANDS[modality])
+    attrs: dict[str, Any] = {
+        "title": f"SSL4EO-S12 {modality} patches",
+        "description": f"{GROUP_DESCRIPTIONS.get(modality, modality)}; {_PATCH}. "
+                       "band_mean / band_std: per-band statistics over the valid pixels of "
+                       "the complete samples (written when the build finishes).",
+        "Conventions": "CF-1.10",
+        "units": bands_units(modality, convention),
+        "bands": bands,
+    }
+    if modality.startswith("S1"):
+        attrs.update(nodata="NaN", polarisations=bands,
+                     source="Sentinel-1 GRD, RTC gamma0 (linear) converted to 10*log10 dB")
+    else:
+        offset = layout.S2_OFFSET_CONVENTIONS[convention]
+        attrs.update(
+            nodata=layout.S2_NODATA, s2_offset_convention=convention, s2_offset=offset,
+            reflectance=f"(DN - {offset}) / 10000 on valid (non-zero) pixels",
+            band_wavelength_nm=[S2_BAND_WAVELENGTH_NM[b] for b in bands],
+            band_native_gsd_m=[layout.S2_BAND_GSD[b] for b in bands],
+        )
+    return attrs
+
+
+def variable_attrs(modality: str, convention: str = layout.S2_DEFAULT_CONVENTION) -> dict:
+    """CF-style attributes (``long_name``, ``units``, ``standard_name`` where CF has one) of
+    every variable of a modality group."""
+    s1 = modality.startswith("S1")
+    units = bands_units(modality, convention)
+    bands: dict[str, Any] = {
+        "long_name": GROUP_DESCRIPTIONS.get(modality, modality),
+        "units": units, "nodata": (float("nan") if s1 else layout.S2_NODATA),
+    }
+    if not s1:
+        bands["standard_name"] = ("toa_bidirectional_reflectance" if modality == layout.S2L1C
+                                  else "surface_bidirectional_reflectance")
+        bands["comment"] = ("stored as DN: reflectance = (DN - "
+                            f"{layout.S2_OFFSET_CONVENTIONS[convention]}) / 10000; 0 = nodata")
+    attrs: dict[str, dict[str, Any]] = {
+        "bands": bands,
+        "center_lat": {"long_name": "latitude of the patch centre", "units": "degrees_north",
+                       "standard_name": "latitude"},
+        "center_lon": {"long_name": "longitude of the patch centre", "units": "degrees_east",
+                       "standard_name": "longitude"},
+        "crs": {"long_name": "EPSG code of the patch's UTM grid"},
+        "x_": {"long_name": "UTM easting of the pixel centres", "units": "m",
+               "standard_name": "projection_x_coordinate"},
+        "y_": {"long_name": "UTM northing of the pixel centres", "units": "m",
+               "standard_name": "projection_y_coordinate"},
+        # units and calendar: the CF encoding of time_ (int64), decoded to datetime64 by xarray
+        "time_": {"long_name": "acquisition time of the season's scene", "standard_name": "time",
+                  "description": "acquisition time; NaT where the season has no scene",
+                  "units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian"},
+        "file_id": {"long_name": "STAC item id of the season's scene",
+                    "description": "STAC item id; empty where the season has no scene"},
+        "cloud_cover": {"long_name": "scene-level cloud cover (eo:cloud_cover)",
+                        "units": "percent"},
+        "valid_fraction": {"long_name": "fraction of the patch with valid pixels", "units": "1"},
+        "stats_partial": {"long_name": "per-shard partial moments of each band "
+                                       "(count, mean, M2) over valid pixels"},
+        "cloud_mask": {"long_name": "cloud, shadow or cirrus on the patch (from SCL)",
+                       "flag_values": [0, 1, CLOUD_UNKNOWN],
+                       "flag_meanings": "clear cloud unknown",
+                       "scl_cloud_classes": list(layout.SCL_CLOUD_CLASSES)},
+        "band_mean": {"long_name": "per-band mean over valid pixels", "units": units},
+        "band_std": {"long_name": "per-band standard deviation over valid pixels",
+                     "units": units},
+        "band_count": {"long_name": "valid pixels counted per band", "units": "1"},
+    }
+    long_names = {"zero_bands": "number of bands empty on the whole patch",
+                  "patch_cloud_fraction": "cloudy fraction of the patch (SCL)",
+                  "candidates_tried": "candidate scenes judged on the patch",
+                  "candidate_rank": "rank of the kept candidate",
+                  "dn_offset": "DN offset of the chosen scene",
+                  "offset_rule": "rule that decided dn_offset"}
+    for name, text in QUALITY_DESCRIPTIONS.items():
+        attrs[name] = {"long_name": long_names[name], "description": text}
+    attrs["patch_cloud_fraction"]["units"] = "1"
+    return attrs
 
 
 # ------------------------------------------------------------------------------- shard write
@@ -582,9 +678,26 @@ def finalize(path: str | Path) -> dict[str, Any]:
                     "std": [float(v) for v in std], "count": [int(c) for c in count],
                     "units": "dB" if m.startswith("S1") else
                     f"DN ({convention} offset convention)"}
+        _describe_group(root[m], m, convention, count, mean, std)
     root.attrs[layout.ATTR_STATS] = stats
     zarr.consolidate_metadata(_target(path, "r+"), zarr_format=3)
     return stats
+
+
+def _describe_group(group, modality: str, convention: str, count: np.ndarray,
+                    mean: np.ndarray, std: np.ndarray) -> None:
+    """The group's statistics as variables ``band_mean`` / ``band_std`` / ``band_count``
+    ``(band,)`` and its attributes, written again by every finalize (a resumed build, or a
+    store written before groups described themselves, ends with them too)."""
+    var_attrs = variable_attrs(modality, convention)
+    for name, values, dtype in (("band_mean", mean, "float64"), ("band_std", std, "float64"),
+                                ("band_count", count, "int64")):
+        arr = group.create_array(name, shape=(len(values),), dtype=dtype, chunks=(len(values),),
+                                 dimension_names=["band"], overwrite=True,
+                                 fill_value=(np.nan if dtype == "float64" else 0))
+        arr[...] = np.asarray(values, dtype=dtype)
+        arr.attrs.update(var_attrs[name])
+    group.attrs.update(group_attrs(modality, convention))
 
 
 def summary(path: str | Path) -> dict[str, Any]:
