@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pipeline.sampling",
     "pipeline.search",
     "pipeline.runner",
+    "pipeline.export",
     "pipeline.k8s",
     "pipeline.train.cli",
 )
