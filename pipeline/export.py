@@ -75,12 +75,16 @@ def to_v11_bands(bands: np.ndarray, modality: str, store_offset: int) -> np.ndar
     if modality.startswith("S1"):
         return bands.astype(np.float16)
     shift = layout.S2_OFFSET_CONVENTIONS[V11_CONVENTION] - int(store_offset)
-    out = bands.astype(np.int32)
-    if shift:
-        valid = out > 0
-        out[valid] = np.maximum(out[valid] + shift, 1)
-    np.clip(out, 0, np.iinfo(np.int16).max, out=out)
-    return out.astype(np.int16)
+    out = np.empty(bands.shape, np.int16)
+    flat_in, flat_out = bands.reshape(-1, *bands.shape[-2:]), out.reshape(-1, *bands.shape[-2:])
+    for i in range(flat_in.shape[0]):  # one image at a time: the int32 copy stays small
+        img = flat_in[i].astype(np.int32)
+        if shift:
+            valid = img > 0
+            img[valid] = np.maximum(img[valid] + shift, 1)
+        np.clip(img, 0, np.iinfo(np.int16).max, out=img)
+        flat_out[i] = img
+    return out
 
 
 def _file_dataset(src, modality: str, idx: np.ndarray, store_offset: int,
