@@ -86,3 +86,27 @@ def clean_store(demo_tables, tmp_path_factory: pytest.TempPathFactory) -> Path:
               options=BuildOptions(provider="local", shard_samples=2),
               client_options={"workers": 2, "threads": 1}, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def v1_store(demo_tables, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test tables built with ``--convention v1`` (``clean_store`` is the default v1.1)."""
+    from pipeline.runner import BuildOptions, run_build
+
+    path = tmp_path_factory.mktemp("v1-store") / "cube.zarr"
+    run_build(demo_tables["locations"], demo_tables["scenes"], path,
+              options=BuildOptions(provider="local", shard_samples=2, convention="v1"),
+              client_options={"workers": 2, "threads": 1}, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (its tests compare runs, and 2 cores are shared with
+    the Dask workers); the thread count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,16 +14,6 @@ from pipeline.errors import StoreError
 from pipeline.runner import BuildOptions, run_build
 
 
-@pytest.fixture(scope="module")
-def v1_store(demo_tables, tmp_path_factory) -> Path:
-    """The test tables built with ``--convention v1`` (clean_store is the default v1.1)."""
-    path = tmp_path_factory.mktemp("v1") / "cube.zarr"
-    run_build(demo_tables["locations"], demo_tables["scenes"], path,
-              options=BuildOptions(provider="local", shard_samples=2, convention="v1"),
-              client_options={"workers": 2, "threads": 1}, progress=False)
-    return path
-
-
 def test_both_conventions_recorded_and_stored(v1_store, clean_store):
     a1, a11 = (dict(xr.open_zarr(p).attrs) for p in (v1_store, clean_store))
     assert layout.recorded_convention(a1) == ("v1", 0)

@@ -17,20 +17,11 @@ import zarr
 
 from pipeline import export, layout, store
 from pipeline.errors import UserError
-from pipeline.runner import BuildOptions, run_build
 
 #: What SSL4EO-S12 v1.1 requires (zarr==2.18.0) and the xarray of its release (2025-03);
 #: today's xarray no longer opens zarr 2 stores, and numcodecs 0.16 no longer loads zarr 2.18.
 ZARR2_REQUIREMENTS = ["zarr==2.18.0", "numcodecs<0.16", "xarray==2025.1.2"]
 
-
-@pytest.fixture(scope="module")
-def v1_store(demo_tables, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("v1") / "cube.zarr"
-    run_build(demo_tables["locations"], demo_tables["scenes"], path,
-              options=BuildOptions(provider="local", shard_samples=2, convention="v1"),
-              client_options={"workers": 2, "threads": 1}, progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,8 @@ S2 = layout.S2L2A
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 @pytest.fixture(scope="module")

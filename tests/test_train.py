@@ -68,11 +68,8 @@ PREFIX = {"moco": "encoder_q.", "dino": "student.", "mae": "encoder.", "data2vec
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 def _add_texture(path: Path, seed: int = 0) -> None:
