@@ -363,6 +363,21 @@ def stage_pretrain_probe(ctx: DemoContext) -> dict[str, Any]:
 
 
 #: The demo's stages, in order. Later pipeline stages append themselves here.
+def stage_export(ctx: DemoContext) -> dict[str, Any]:
+    """The store in SSL4EO-S12 v1.1's file layout (``ssl4eo export v1.1``)."""
+    from ..export import export_v11
+
+    out = ctx.out / "v1.1"
+    res = export_v11(str(ctx.state["store"]), str(out), split="train", overwrite=True,
+                     workers=2, progress=True)
+    first = out / "train" / "S2L2A" / res["files"][0]["name"]
+    _say(f"[export] {res['samples']} samples as SSL4EO-S12 v1.1 files "
+         f"({len(res['files'])} per modality) under {out}; with zarr 2.18: "
+         f"xr.open_zarr('{first}')")
+    return {"out": str(out), "samples": res["samples"], "files": len(res["files"]),
+            "modalities": res["modalities"]}
+
+
 STAGES: list[tuple[str, Stage]] = [
     ("catalog", stage_catalog),
     ("serve", stage_serve),
@@ -370,6 +385,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("sample", stage_sample),
     ("search", stage_search),
     ("build", stage_build),
+    ("export", stage_export),
     ("pretrain_probe", stage_pretrain_probe),
 ]
 
