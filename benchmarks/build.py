@@ -130,7 +130,8 @@ def run_odc(scenes_path: Path, locations_path: Path, threads: int) -> dict:
     return {"reads": n}
 
 
-def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Path) -> dict:
+def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Path,
+                 shard_samples: int = 8) -> dict:
     from distributed import Client
 
     from pipeline.runner import BuildOptions, local_cluster, run_build
@@ -146,12 +147,14 @@ def run_pipeline(scenes_path: Path, locations_path: Path, threads: int, out: Pat
     with local_cluster(1, 1, dashboard_address=None) as lc, Client(lc) as client:
         # the worker's CPU for the build alone: its start-up and imports are not build work
         before = list(client.run(usage).values())[0]
+        t0 = time.perf_counter()
         summary = run_build(locations_path, scenes_path, out,
-                            options=BuildOptions(provider="local", read_threads=threads,
-                                                 shard_samples=8),
+                            options=BuildOptions(provider="local", read_threads=threads or None,
+                                                 shard_samples=shard_samples),
                             client=client, overwrite=True, progress=False)
+        build_wall_s = time.perf_counter() - t0
         worker = list(client.run(usage).values())[0]
-    return {"worker_peak_rss_mb": worker["maxrss_kb"] / 1024,
+    return {"build_wall_s": build_wall_s,"worker_peak_rss_mb": worker["maxrss_kb"] / 1024,
             "worker_cpu_s": worker["cpu_s"] - before["cpu_s"],
             "worker_startup_cpu_s": before["cpu_s"],
             "stored_bytes": summary["stored_bytes"], "samples": summary["samples"],
@@ -176,7 +179,8 @@ def _child(args: argparse.Namespace) -> int:
     elif args.mode == "odc_stac":
         out = run_odc(args.scenes, args.locations, args.threads)
     else:
-        out = run_pipeline(args.scenes, args.locations, args.threads, args.store)
+        out = run_pipeline(args.scenes, args.locations, args.threads, args.store,
+                           args.shard_samples)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     out["seconds"] = time.perf_counter() - t0
     out["cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--locations", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--shard-samples", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.mode:
         return _child(args)

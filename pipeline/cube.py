@@ -76,6 +76,9 @@ GDAL_HTTP_ENV: dict[str, Any] = {
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
     "GDAL_CACHEMAX": 256,
     "VSI_CACHE_SIZE": "5000000",
+    # GDAL's process-wide cache of downloaded /vsicurl/ regions (default 16 MB): large enough
+    # to hold the headers that warm_files fetched for the cubes in flight until they are read
+    "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 2**20),
 }
 
 #: The scene-classification band (S2 L2A), read with nearest resampling for the cloud mask.
@@ -311,6 +314,95 @@ def gdal_thread_env(overrides: Mapping[str, Any] | None = None):  # -> Iterator[
             yield
         finally:
             _THREAD_ENV.key = before
+
+
+# ------------------------------------------------------------------------ latency: warm opens
+#: from this measured latency per request on, the build opens a cube's files concurrently
+#: before reading it (:func:`warm_files`); below it (loopback, a local disk) it does not
+WARM_LATENCY_S = 0.005
+#: read threads per shard task at zero latency, and the latency that doubles them
+#: (:func:`auto_read_threads`)
+BASE_READ_THREADS = 8
+READ_THREADS_LATENCY_S = 0.05
+MAX_READ_THREADS = 64
+
+
+def auto_read_threads(latency_s: float) -> int:
+    """Cubes a shard task reads at once at ``latency_s`` per HTTP request.
+
+    A cube reads its files one after another: with its opens warmed (:func:`warm_files`) an S2
+    cube of 4 scenes waits about 52 requests in turn, 5 s at 100 ms, for about 0.5 s of CPU.
+    More cubes in flight keep the core busy while they wait: ``8 * (1 + latency / 50 ms)``, 8
+    on loopback, 11 at 20 ms, 24 at 100 ms, at most 64 (``benchmarks/latency.py`` measures
+    the effect; ``--read-threads`` sets it outright)."""
+    n = BASE_READ_THREADS * (1 + max(0.0, latency_s) / READ_THREADS_LATENCY_S)
+    return int(min(MAX_READ_THREADS, max(BASE_READ_THREADS, round(n))))
+
+
+def cube_hrefs(modality: str, item_jsons: Sequence[str | Mapping[str, Any]],
+               provider: Any = None) -> list[str]:
+    """The (unsigned) hrefs of every file the modality's cube reads: its bands, and SCL for
+    S2 L2A."""
+    provider = provider or get_provider("local")
+    band_assets = provider.band_assets(modality)
+    keys = [band_assets[b] for b in layout.BANDS[modality]]
+    if modality == layout.S2L2A:
+        keys.append(band_assets.get(SCL_BAND, SCL_BAND))
+    out = []
+    for raw in item_jsons:
+        assets = (json.loads(raw) if isinstance(raw, str) else raw).get("assets", {})
+        out.extend(assets[k]["href"] for k in keys if k in assets)
+    return out
+
+
+def open_file(href: str, sign: Callable[[str], str] | None = None,
+              env_overrides: Mapping[str, Any] | None = None) -> float:
+    """Open one file the way a cube's reader does (signed, in the cubes' GDAL options) and
+    close it; returns the seconds it took. GDAL keeps what the open fetched (the file's size
+    from the HEAD, its header bytes) in a process-wide cache keyed by URL, so the cube's own
+    open that follows costs no request. Errors are left to that open, which reports them."""
+    import rasterio
+
+    t0 = time.perf_counter()
+    try:
+        with gdal_thread_env(env_overrides), rasterio.open(sign(href) if sign else href):
+            pass
+    except Exception:  # noqa: BLE001 - the cube's read raises it, with its retries
+        log.debug("warming %s failed; the read will report it", href)
+    return time.perf_counter() - t0
+
+
+def warm_files(hrefs: Sequence[str], pool: Any, *, sign: Callable[[str], str] | None = None,
+               env_overrides: Mapping[str, Any] | None = None) -> None:
+    """Open ``hrefs`` at once on ``pool`` (a thread pool), so that a cube, which opens its
+    files one after another, then pays one round trip per file (its tile reads) instead of
+    three (HEAD, header, tiles). A task shares one :class:`FileWarmer` between its cubes
+    instead, so that a file two cubes read is opened once."""
+    FileWarmer(pool)(hrefs, sign=sign, env_overrides=env_overrides)
+
+
+class FileWarmer:
+    """:func:`warm_files` for the cubes of one task: each file is opened once, however many
+    cubes read it (a cube whose file another cube is opening waits for that open instead of
+    fetching the same header at the same time)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._opens: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, hrefs: Sequence[str], *, sign: Callable[[str], str] | None = None,
+                 env_overrides: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            pending = []
+            for href in dict.fromkeys(hrefs):
+                fut = self._opens.get(href)
+                if fut is None:
+                    fut = self._opens[href] = self.pool.submit(open_file, href, sign,
+                                                               env_overrides)
+                pending.append(fut)
+        for fut in pending:
+            fut.result()
 
 
 # ------------------------------------------------------------------------------------ provider
@@ -779,6 +871,7 @@ def scl_fractions(items: Sequence[Mapping[str, Any]], grid: Grid, *, provider: A
 
 def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - xr.Dataset
                  max_patch_cloud: float = MAX_PATCH_CLOUD, min_valid: float = MIN_VALID,
+                 warm: Callable[[list[str]], None] | None = None,
                  **cube_kwargs: Any):  # -> xr.Dataset
     """The S2 L2A cube ``ds`` (the scene-level rule's scenes, one per season) with each season
     whose patch is too cloudy (``> max_patch_cloud``) or too empty (valid ``< min_valid``)
@@ -792,7 +885,8 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
     the winner's bands are read. Adds per-scene coordinates ``patch_cloud_fraction``,
     ``candidates_tried`` (scenes judged, the first included) and ``candidate_rank`` (0: the
     rule's scene). Without SCL (S2 L1C) the scene-level choice stays and the patch cloud
-    fraction is unknown (NaN).
+    fraction is unknown (NaN). ``warm``: called with the hrefs about to be read (the
+    runners-up's SCL, then the winners' files) before they are read (see :func:`warm_files`).
     """
     import xarray as xr
 
@@ -813,6 +907,9 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
         others = json.loads(row.get("candidates") or "[]") if "candidates" in row else []
         if not others:
             continue
+        if warm is not None:
+            scl_key = provider.band_assets(layout.S2L2A).get(SCL_BAND, SCL_BAND)
+            warm([o["assets"][scl_key]["href"] for o in others if scl_key in o.get("assets", {})])
         alt_cloud, alt_bad = scl_fractions(
             others, grid, provider=provider, env_overrides=cube_kwargs.get("env_overrides"),
             sign_retries=cube_kwargs.get("sign_retries", SIGN_RETRIES))
@@ -823,6 +920,8 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
             rank[k] = best + 1
     if replace:
         keep = [k for k in range(n) if k not in replace]
+        if warm is not None:
+            warm(cube_hrefs(layout.S2L2A, [replace[k][0] for k in sorted(replace)], provider))
         new = s2_cube([replace[k][0] for k in sorted(replace)], grid, modality=layout.S2L2A,
                       provider=provider, compute=True, **cube_kwargs)
         season = np.asarray(ds["season"].values)

@@ -146,6 +146,7 @@ class FaultPlan:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no 40 ms delayed-ACK stall between headers and body
     server: _ProxyServer
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet by default

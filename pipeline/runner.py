@@ -34,7 +34,9 @@ Reliability:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -69,8 +71,10 @@ class BuildOptions:
     profile: Mapping[str, Any] | None = None
     resampling: str = "bilinear"
     convention: str = layout.S2_DEFAULT_CONVENTION
-    #: cubes (location, modality) a task reads at once (threads; each reads its assets in turn)
-    read_threads: int = 8
+    #: cubes (location, modality) a task reads at once (threads; each reads its assets in
+    #: turn); None: sized from the latency the task measures on its first file
+    #: (:func:`pipeline.cube.auto_read_threads`: 8 on loopback, 24 at 100 ms per request)
+    read_threads: int | None = None
     shard_samples: int = layout.SHARD_SAMPLES
     env_overrides: Mapping[str, Any] = field(default_factory=dict)
     #: "package.module:function" of a custom href signer (private buckets, other token
@@ -350,10 +354,19 @@ def build_shard(
     scene_counts = ok.groupby(["sample", "modality"]).size().to_dict()
     jobs = sorted(((i, m) for i in range(len(records)) for m in options.modalities),
                   key=lambda j: -scene_counts.get((ids[j[0]], j[1]), 0) * _assets_per_scene(j[1]))
-    with ThreadPoolExecutor(max(1, options.read_threads),
-                            thread_name_prefix="ssl4eo-cube") as pool:
-        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider): (i, m)
-                   for i, m in jobs}
+    # latency: the first file's open is a HEAD and a header read, two round trips. Above
+    # cube.WARM_LATENCY_S each cube's files are opened at once before it reads them (GDAL
+    # keeps what an open fetched), and more cubes are read at once (cube.auto_read_threads)
+    latency_s = _probe_latency(ok, options, provider)
+    threads = options.read_threads or cube.auto_read_threads(latency_s)
+    warm = latency_s >= cube.WARM_LATENCY_S
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max(1, threads),
+                                                      thread_name_prefix="ssl4eo-cube"))
+        opener = cube.FileWarmer(stack.enter_context(ThreadPoolExecutor(
+            min(128, 4 * threads), thread_name_prefix="ssl4eo-open"))) if warm else None
+        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider, opener):
+                   (i, m) for i, m in jobs}
         for fut in as_completed(futures):
             i, m = futures.pop(fut)
             try:
@@ -375,7 +388,38 @@ def build_shard(
     store.write_shard_arrays(store_path, shard, ids, arrays, status, failure, shard_samples=s)
     return {"shard": shard, "samples": len(ids), "scenes": n_scenes,
             "failed": int((status == layout.STATUS_CODES["failed"]).sum()),
-            "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+            "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+            "latency_s": round(latency_s, 4), "read_threads": threads, "warmed": warm}
+
+
+#: per worker process, the latency measured per storage host (scheme and host of the hrefs)
+_LATENCY_BY_HOST: dict[str, float] = {}
+
+
+def _probe_latency(ok, options: BuildOptions, provider) -> float:  # noqa: ANN001
+    """Seconds per HTTP request to the storage the shard reads, measured once per worker
+    process and host: opening three files one after another (each a HEAD and a header read,
+    two round trips; the fastest, as the first also pays for the first connection and a busy
+    moment can delay any one). Later tasks reuse it (their files may already be in GDAL's
+    cache, which would read as no latency at all). 0 with no scene. The opens warm those
+    files for the cubes."""
+    import urllib.parse
+
+    from . import cube
+
+    if not len(ok):
+        return 0.0
+    row = ok.iloc[0]
+    hrefs = cube.cube_hrefs(row["modality"], [row["item_json"]], provider)[:3]
+    if not hrefs:
+        return 0.0
+    parts = urllib.parse.urlsplit(hrefs[0])
+    host = f"{parts.scheme}://{parts.netloc}"
+    if host not in _LATENCY_BY_HOST:
+        env = {**provider.gdal_options(row["modality"]), **dict(options.env_overrides)}
+        _LATENCY_BY_HOST[host] = min(cube.open_file(h, provider.signer(), env) / 2
+                                     for h in hrefs)
+    return _LATENCY_BY_HOST[host]
 
 
 def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provider
@@ -395,13 +439,22 @@ def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provide
 
 
 def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOptions,  # noqa: ANN001
-                   provider):  # noqa: ANN001 - -> xr.Dataset | None
+                   provider, opener=None):  # noqa: ANN001 - -> xr.Dataset | None
     """One location's computed cube of ``modality`` (None: no scene). The cube's reader signs
     each href as it opens the file, and after HTTP 401/403 (an expired token) drops the
     signer's cached tokens and signs again, ``options.sign_retries`` times
-    (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded)."""
+    (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded).
+    ``opener``: the task's :class:`pipeline.cube.FileWarmer`, which first opens the cube's
+    files at once (high latency)."""
     from . import cube
 
+    warm = None
+    if opener is not None:
+        warm = functools.partial(opener, sign=provider.signer(),
+                                 env_overrides={**provider.gdal_options(modality),
+                                                **dict(options.env_overrides)})
+        rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
+        warm(cube.cube_hrefs(modality, list(rows["item_json"]), provider))
     # computed in this thread (dask's synchronous scheduler, one GDAL environment): the shard
     # task computes read_threads cubes at once (build_shard). Computing the stackstac arrays,
     # not the xarray dataset, also keeps clear of dask 2026.8 dropping keys ("Missing
@@ -418,7 +471,7 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
             ds, rows, cube.Grid.from_location(loc), provider=provider,
             max_patch_cloud=options.max_patch_cloud, min_valid=options.min_valid,
             resampling=options.resampling, convention=options.convention,
-            env_overrides=options.env_overrides, sign_retries=options.sign_retries)
+            env_overrides=options.env_overrides, sign_retries=options.sign_retries, warm=warm)
     return ds
 
 
@@ -740,6 +793,11 @@ def run_build(
     out = store.summary(store_path)
     out["shards_run"] = len(results)
     out["task_seconds"] = float(sum(r["seconds"] for r in results))
+    if results:  # what the tasks measured of the storage, and how they read because of it
+        lat = sorted(r.get("latency_s", 0.0) for r in results)
+        out["reading"] = {"latency_s_median": lat[len(lat) // 2],
+                          "read_threads": sorted({r.get("read_threads") for r in results}),
+                          "opens_warmed": sum(bool(r.get("warmed")) for r in results)}
     return out
 
 
@@ -811,7 +869,8 @@ def _add_build_arguments(p: Any) -> None:
                    "this fraction (default 0.95)")
     g.add_argument("--read-threads", type=int, default=None,
                    help="cubes (location x modality) read at once inside one task, each "
-                   "reading its assets in turn (default 8)")
+                   "reading its assets in turn (default: sized from the latency each task "
+                   "measures on its first file, 8 on loopback, 24 at 100 ms per request)")
     g.add_argument("--provider", default=None,
                    help="provider profile to read with (asset keys, signing, offset rule, GDAL "
                    "options): planetary-computer, earth-search, local or one defined under the "

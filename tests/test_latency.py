@@ -1,0 +1,71 @@
+"""A build at network latency: the tasks measure it, open each cube's files at once before
+reading them and read more cubes at once, with the same pixels and no more HTTP requests than
+a build over loopback (``benchmarks/latency.py`` measures the speed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from test_reliability import assert_complete_samples_equal, rewrite_scenes
+
+from pipeline import cube
+from pipeline.faults import FaultProxy
+from pipeline.runner import BuildOptions, run_build
+
+
+def test_auto_read_threads_grow_with_latency():
+    assert cube.auto_read_threads(0.0) == cube.BASE_READ_THREADS == 8
+    assert cube.auto_read_threads(0.001) == 8
+    assert cube.auto_read_threads(0.1) == 24
+    assert cube.auto_read_threads(0.02) < cube.auto_read_threads(0.1)
+    assert cube.auto_read_threads(10.0) == cube.MAX_READ_THREADS
+
+
+def _shards_with_scenes(tables: dict, shard_samples: int) -> int:
+    from pipeline.runner import read_locations
+
+    ids = list(read_locations(tables["locations"])["sample"])
+    scenes = pd.read_parquet(tables["scenes"])
+    with_scenes = set(scenes.loc[scenes["status"] == "ok", "sample"])
+    return sum(any(s in with_scenes for s in ids[k:k + shard_samples])
+               for k in range(0, len(ids), shard_samples))
+
+
+def _requests(stac_api) -> int:
+    return int(stac_api.asset_stats()["requests"])
+
+
+def test_build_at_latency_is_identical_with_no_more_requests(stac_api, demo_tables: dict,
+                                                             clean_store: Path, tmp_path: Path):
+    # one worker, one shard at a time: both builds read the files in the same order, so the
+    # requests differ only by how the tasks read
+    opts = BuildOptions(provider="local", shard_samples=2)
+    n0 = _requests(stac_api)
+    base = run_build(demo_tables["locations"], demo_tables["scenes"], tmp_path / "base.zarr",
+                     options=opts, client_options={"workers": 1, "threads": 1}, progress=False)
+    loopback = _requests(stac_api) - n0
+    # loopback: nothing to hide (a busy moment may still make one task's probe slow)
+    assert base["reading"]["latency_s_median"] < cube.WARM_LATENCY_S, base["reading"]
+    assert cube.BASE_READ_THREADS in base["reading"]["read_threads"]
+
+    with FaultProxy(stac_api.asset_url, latency_s=0.03) as proxy:
+        scenes = rewrite_scenes(demo_tables["scenes"], stac_api.asset_url, proxy.url,
+                                tmp_path / "scenes.parquet")
+        n1 = _requests(stac_api)
+        slow = run_build(demo_tables["locations"], scenes, tmp_path / "slow.zarr",
+                         options=opts, client_options={"workers": 1, "threads": 1},
+                         progress=False)
+        proxied = _requests(stac_api) - n1
+    reading = slow["reading"]
+    assert reading["latency_s_median"] >= 0.03
+    # every shard that reads anything warms its opens (a shard whose searches found no
+    # scene reads nothing)
+    assert reading["opens_warmed"] == _shards_with_scenes(demo_tables, 2) > 0, reading
+    assert max(reading["read_threads"]) > cube.BASE_READ_THREADS
+    # the opens before a cube's reads are the cube's own (GDAL keeps what they fetched), and
+    # a file two cubes share is opened once: no more requests than over loopback, give or
+    # take the tile reads of cubes that read a shared file at the same moment
+    assert proxied <= 1.05 * loopback, (proxied, loopback)
+    assert slow["status"]["complete"] == base["status"]["complete"] > 0
+    assert assert_complete_samples_equal(tmp_path / "slow.zarr", clean_store) > 0
