@@ -36,21 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _run_child import run_child  # noqa: E402 - benchmarks/, beside this script
+from faults import _proxied_scenes  # noqa: E402 - benchmarks/faults.py: hrefs to the proxy
 
 BUILD = str(Path(__file__).resolve().parent / "build.py")
-
-
-def _proxied_scenes(scenes: Path, old: str, new: str, out: Path) -> Path:
-    """A copy of the scenes table whose hrefs point at the proxy (table metadata kept)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(scenes)
-    df = table.to_pandas()
-    df["item_json"] = df["item_json"].str.replace(old, new, regex=False)
-    copy = pa.Table.from_pandas(df, schema=table.schema, preserve_index=False)
-    pq.write_table(copy.replace_schema_metadata(table.schema.metadata), out)
-    return out
 
 
 def min_requests(scenes: Path, locations: Path) -> tuple[int, int, int]:
