@@ -77,7 +77,7 @@ GDAL_HTTP_ENV: dict[str, Any] = {
     "GDAL_CACHEMAX": 256,
     "VSI_CACHE_SIZE": "5000000",
     # GDAL's process-wide cache of downloaded /vsicurl/ regions (default 16 MB): large enough
-    # to hold the headers that warm_files fetched for the cubes in flight until they are read
+    # to hold the headers that FileWarmer fetched for the cubes in flight until they are read
     "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 2**20),
 }
 
@@ -318,7 +318,7 @@ def gdal_thread_env(overrides: Mapping[str, Any] | None = None):  # -> Iterator[
 
 # ------------------------------------------------------------------------ latency: warm opens
 #: from this measured latency per request on, the build opens a cube's files concurrently
-#: before reading it (:func:`warm_files`); below it (loopback, a local disk) it does not
+#: before reading it (:class:`FileWarmer`); below it (loopback, a local disk) it does not
 WARM_LATENCY_S = 0.005
 #: read threads per shard task at zero latency, and the latency that doubles them
 #: (:func:`auto_read_threads`)
@@ -330,7 +330,7 @@ MAX_READ_THREADS = 64
 def auto_read_threads(latency_s: float) -> int:
     """Cubes a shard task reads at once at ``latency_s`` per HTTP request.
 
-    A cube reads its files one after another: with its opens warmed (:func:`warm_files`) an S2
+    A cube reads its files one after another: with its opens warmed (:class:`FileWarmer`) an S2
     cube of 4 scenes waits about 52 requests in turn, 5 s at 100 ms, for about 0.5 s of CPU.
     More cubes in flight keep the core busy while they wait: ``8 * (1 + latency / 50 ms)``, 8
     on loopback, 11 at 20 ms, 24 at 100 ms, at most 64 (``benchmarks/latency.py`` measures
@@ -339,15 +339,21 @@ def auto_read_threads(latency_s: float) -> int:
     return int(min(MAX_READ_THREADS, max(BASE_READ_THREADS, round(n))))
 
 
+def asset_keys(modality: str, provider: Any) -> tuple[list[str], str | None]:
+    """The provider's asset keys of the modality's bands, in the stored order, and of its
+    scene classification (S2 L2A only; None otherwise)."""
+    band_assets = provider.band_assets(modality)
+    keys = [band_assets[b] for b in layout.BANDS[modality]]
+    scl = band_assets.get(SCL_BAND, SCL_BAND) if modality == layout.S2L2A else None
+    return keys, scl
+
+
 def cube_hrefs(modality: str, item_jsons: Sequence[str | Mapping[str, Any]],
                provider: Any = None) -> list[str]:
     """The (unsigned) hrefs of every file the modality's cube reads: its bands, and SCL for
     S2 L2A."""
-    provider = provider or get_provider("local")
-    band_assets = provider.band_assets(modality)
-    keys = [band_assets[b] for b in layout.BANDS[modality]]
-    if modality == layout.S2L2A:
-        keys.append(band_assets.get(SCL_BAND, SCL_BAND))
+    keys, scl = asset_keys(modality, provider or get_provider("local"))
+    keys = keys + ([scl] if scl else [])
     out = []
     for raw in item_jsons:
         assets = (json.loads(raw) if isinstance(raw, str) else raw).get("assets", {})
@@ -372,19 +378,12 @@ def open_file(href: str, sign: Callable[[str], str] | None = None,
     return time.perf_counter() - t0
 
 
-def warm_files(hrefs: Sequence[str], pool: Any, *, sign: Callable[[str], str] | None = None,
-               env_overrides: Mapping[str, Any] | None = None) -> None:
-    """Open ``hrefs`` at once on ``pool`` (a thread pool), so that a cube, which opens its
-    files one after another, then pays one round trip per file (its tile reads) instead of
-    three (HEAD, header, tiles). A task shares one :class:`FileWarmer` between its cubes
-    instead, so that a file two cubes read is opened once."""
-    FileWarmer(pool)(hrefs, sign=sign, env_overrides=env_overrides)
-
-
 class FileWarmer:
-    """:func:`warm_files` for the cubes of one task: each file is opened once, however many
-    cubes read it (a cube whose file another cube is opening waits for that open instead of
-    fetching the same header at the same time)."""
+    """Opens files at once on a thread pool before a cube reads them, so that the cube, which
+    opens its files one after another, then pays one round trip per file (its tile reads)
+    instead of three (HEAD, header, tiles). One per task: each file is opened once, however
+    many cubes read it (a cube whose file another cube is opening waits for that open instead
+    of fetching the same header at the same time)."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
@@ -668,12 +667,10 @@ def s2_cube(
     import dask.array as dsa
 
     provider = provider or get_provider("local")
-    band_assets = provider.band_assets(modality)
     bands = layout.BANDS[modality]
-    keys = [band_assets[b] for b in bands]
+    keys, scl_key = asset_keys(modality, provider)
     parsed = [json.loads(r) if isinstance(r, str) else r for r in item_jsons]
-    scl_key = band_assets.get(SCL_BAND, SCL_BAND)
-    has_scl = modality == layout.S2L2A and all(scl_key in it.get("assets", {}) for it in parsed)
+    has_scl = scl_key is not None and all(scl_key in it.get("assets", {}) for it in parsed)
     all_keys = keys + ([scl_key] if has_scl else [])
     # offsets from the items as the provider wrote them (prepare_items keeps only the assets
     # read, and pins their footprints), in the cube's chronological order
@@ -729,9 +726,8 @@ def s1_cube(
     import dask.array as dsa
 
     provider = provider or get_provider("local")
-    band_assets = provider.band_assets(modality)
     bands = layout.BANDS[modality]
-    keys = [band_assets[b] for b in bands]
+    keys, _ = asset_keys(modality, provider)
     items = prepare_items(item_jsons, keys, grid)
     env_overrides = {**provider.gdal_options(modality), **(env_overrides or {})}
     lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
@@ -886,7 +882,7 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
     ``candidates_tried`` (scenes judged, the first included) and ``candidate_rank`` (0: the
     rule's scene). Without SCL (S2 L1C) the scene-level choice stays and the patch cloud
     fraction is unknown (NaN). ``warm``: called with the hrefs about to be read (the
-    runners-up's SCL, then the winners' files) before they are read (see :func:`warm_files`).
+    runners-up's SCL, then the winners' files) before they are read (see :class:`FileWarmer`).
     """
     import xarray as xr
 
@@ -908,7 +904,7 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
         if not others:
             continue
         if warm is not None:
-            scl_key = provider.band_assets(layout.S2L2A).get(SCL_BAND, SCL_BAND)
+            scl_key = asset_keys(layout.S2L2A, provider)[1]
             warm([o["assets"][scl_key]["href"] for o in others if scl_key in o.get("assets", {})])
         alt_cloud, alt_bad = scl_fractions(
             others, grid, provider=provider, env_overrides=cube_kwargs.get("env_overrides"),

@@ -95,7 +95,8 @@ def _file_dataset(src, modality: str, idx: np.ndarray, store_offset: int,
     # one contiguous read, then the complete samples in memory: zarr reads an index array
     # chunk by chunk, 40 x slower than the slice
     lo, hi = int(idx.min()), int(idx.max()) + 1
-    part = src.isel(sample=slice(lo, hi)).load().isel(sample=idx - lo)
+    wanted = [v for v in V11_VARIABLES if v in src.data_vars]  # not the quality table
+    part = src[wanted].isel(sample=slice(lo, hi)).load().isel(sample=idx - lo)
     samples = np.asarray(part["sample"].values).astype("<U7")
     n_time = part.sizes["time"]
     coords = {"sample": samples, "time": np.arange(n_time, dtype=np.int64),
@@ -148,9 +149,7 @@ def _encoding(ds) -> dict[str, dict[str, Any]]:
     enc: dict[str, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         enc[name] = {"compressors": (blosc,)}
-        if name == "bands":
-            enc[name]["chunks"] = (1, 1) + tuple(var.shape[2:])
-        elif name == "cloud_mask":
+        if name in ("bands", "cloud_mask"):  # one chunk per sample and timestamp
             enc[name]["chunks"] = (1, 1) + tuple(var.shape[2:])
         else:
             enc[name]["chunks"] = tuple(var.shape)

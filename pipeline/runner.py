@@ -448,12 +448,12 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     files at once (high latency)."""
     from . import cube
 
+    rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
     warm = None
     if opener is not None:
         warm = functools.partial(opener, sign=provider.signer(),
                                  env_overrides={**provider.gdal_options(modality),
                                                 **dict(options.env_overrides)})
-        rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
         warm(cube.cube_hrefs(modality, list(rows["item_json"]), provider))
     # computed in this thread (dask's synchronous scheduler, one GDAL environment): the shard
     # task computes read_threads cubes at once (build_shard). Computing the stackstac arrays,
@@ -466,7 +466,6 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     )
     ds = cubes.get(modality)
     if ds is not None and modality == layout.S2L2A:
-        rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
         ds = cube.patch_choice(
             ds, rows, cube.Grid.from_location(loc), provider=provider,
             max_patch_cloud=options.max_patch_cloud, min_valid=options.min_valid,

@@ -362,7 +362,6 @@ def stage_pretrain_probe(ctx: DemoContext) -> dict[str, Any]:
                       or k in ("pretrained", "random", "classes")}}
 
 
-#: The demo's stages, in order. Later pipeline stages append themselves here.
 def stage_export(ctx: DemoContext) -> dict[str, Any]:
     """The store in SSL4EO-S12 v1.1's file layout (``ssl4eo export v1.1``)."""
     from ..export import export_v11
@@ -378,6 +377,7 @@ def stage_export(ctx: DemoContext) -> dict[str, Any]:
             "modalities": res["modalities"]}
 
 
+#: The demo's stages, in order. Later pipeline stages append themselves here.
 STAGES: list[tuple[str, Stage]] = [
     ("catalog", stage_catalog),
     ("serve", stage_serve),
