@@ -13,8 +13,9 @@ methods in turn, each in its own process (``benchmarks/build.py``'s children):
 
 Printed per method and latency: wall patches/s per core (the pipeline's build alone, not the
 cluster's start; divided by the machine's cores, which both methods' read threads use),
-CPU seconds, HTTP requests and bytes per patch as the COG server counted them, and
-the wall throughput's ratio to zero latency. ``min_requests_per_patch`` is computed from the
+CPU seconds, HTTP requests and bytes per patch as the COG server counted them, the most
+requests in flight at once (waiting at the proxy; none at 0 ms, where nothing waits), and the
+wall throughput's ratio to zero latency. ``min_requests_per_patch`` is computed from the
 COGs themselves: per asset, one header read plus one request per internal tile the patch's
 window touches (a one-pixel margin for bilinear resampling).
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                             if mode == "rasterio" and not threads:
                                 n = auto_read_threads(ms / 1000)
                             before = served.asset_stats()
+                            proxy.reset_max_waiting()
                             r = _measure(mode, scenes, tables["locations"], n, tmp / "cube.zarr",
                                          args.shard_samples)
                             after = served.asset_stats()
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                     (after["requests"] - before["requests"]) / patches, 2),
                                 "bytes_per_patch": round(
                                     (after["bytes"] - before["bytes"]) / patches),
+                                "max_requests_in_flight": proxy.stats.get("max_waiting", 0),
                             }
                 for rows in block.values():
                     zero = rows.get("0ms")

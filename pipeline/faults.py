@@ -16,7 +16,8 @@ kind       what the client sees
 ========== ==================================================================================
 
 Faults are drawn from a seeded generator, so a run is repeatable for a given request order.
-``latency_s`` delays every request (a slow storage account, to make a run outlive its tokens).
+``latency_s`` delays every request (a slow storage account, to make a run outlive its tokens;
+object storage's round trip); ``stats["max_waiting"]`` is the most requests that waited at once.
 Optionally the proxy also plays a signing service's storage account: with ``token_ttl_s`` set,
 every request must carry ``?se=<unix expiry>&sig=...`` issued by :meth:`FaultProxy.sign`, and an
 expired or missing token gets ``403 AuthenticationFailed``, as Azure Blob Storage answers a stale
@@ -39,6 +40,7 @@ it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -175,7 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(length) if length else b""
         proxy._count("requests")
         if proxy.latency_s:
-            time.sleep(proxy.latency_s)
+            with proxy._waiting():
+                time.sleep(proxy.latency_s)
         if proxy.token_ttl_s is not None and not proxy._token_ok(parsed):
             proxy._count("403")
             self._send_text(403, "AuthenticationFailed: Signature not valid in the specified time frame")
@@ -312,6 +315,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._waiting_now = 0
         self._server = _ProxyServer((host, port), _Handler)
         self._server.proxy = self
         self._thread: threading.Thread | None = None
@@ -358,6 +362,11 @@ class FaultProxy:
             self.plan.rate = 0.0
             self.plan.always_fail.clear()
 
+    def reset_max_waiting(self) -> None:
+        """Start ``stats["max_waiting"]`` again from the requests waiting now."""
+        with self._lock:
+            self._counts["max_waiting"] = self._waiting_now
+
     @property
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -392,6 +401,19 @@ class FaultProxy:
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
+
+    @contextlib.contextmanager
+    def _waiting(self):  # -> Iterator[None]
+        """A request's latency wait: counts the requests waiting at once, and the most so far
+        (``stats["max_waiting"]``: how many requests the client had in flight at once)."""
+        with self._lock:
+            self._waiting_now += 1
+            self._counts["max_waiting"] = max(self._counts["max_waiting"], self._waiting_now)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting_now -= 1
 
     def _draw(self, path: str) -> str | None:
         with self._lock:

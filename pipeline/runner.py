@@ -356,7 +356,8 @@ def build_shard(
                   key=lambda j: -scene_counts.get((ids[j[0]], j[1]), 0) * _assets_per_scene(j[1]))
     # latency: the first file's open is a HEAD and a header read, two round trips. Above
     # cube.WARM_LATENCY_S each cube's files are opened at once before it reads them (GDAL
-    # keeps what an open fetched), and more cubes are read at once (cube.auto_read_threads)
+    # keeps what an open fetched), each cube's files are read at once (cube.ReadPool, one
+    # chunk per scene and asset), and more cubes are read at once (cube.auto_read_threads)
     latency_s = _probe_latency(ok, options, provider)
     threads = options.read_threads or cube.auto_read_threads(latency_s)
     warm = latency_s >= cube.WARM_LATENCY_S
@@ -365,8 +366,9 @@ def build_shard(
                                                       thread_name_prefix="ssl4eo-cube"))
         opener = cube.FileWarmer(stack.enter_context(ThreadPoolExecutor(
             min(128, 4 * threads), thread_name_prefix="ssl4eo-open"))) if warm else None
-        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider, opener):
-                   (i, m) for i, m in jobs}
+        readers = stack.enter_context(cube.ReadPool(min(128, 4 * threads))) if warm else None
+        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider, opener,
+                               readers): (i, m) for i, m in jobs}
         for fut in as_completed(futures):
             i, m = futures.pop(fut)
             try:
@@ -439,13 +441,14 @@ def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provide
 
 
 def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOptions,  # noqa: ANN001
-                   provider, opener=None):  # noqa: ANN001 - -> xr.Dataset | None
+                   provider, opener=None, readers=None):  # noqa: ANN001 - -> xr.Dataset | None
     """One location's computed cube of ``modality`` (None: no scene). The cube's reader signs
     each href as it opens the file, and after HTTP 401/403 (an expired token) drops the
     signer's cached tokens and signs again, ``options.sign_retries`` times
     (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded).
     ``opener``: the task's :class:`pipeline.cube.FileWarmer`, which first opens the cube's
-    files at once (high latency)."""
+    files at once (high latency), and ``readers``: its :class:`pipeline.cube.ReadPool`, on
+    whose threads the cube then reads its files at once rather than one after another."""
     from . import cube
 
     rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
@@ -462,7 +465,7 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
     cubes = cube.location_cubes(
         loc, ok, modalities=(modality,), provider=provider, resampling=options.resampling,
         convention=options.convention, env_overrides=options.env_overrides,
-        sign_retries=options.sign_retries, compute=True,
+        sign_retries=options.sign_retries, compute=True, read_pool=readers,
     )
     ds = cubes.get(modality)
     if ds is not None and modality == layout.S2L2A:
@@ -470,7 +473,8 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
             ds, rows, cube.Grid.from_location(loc), provider=provider,
             max_patch_cloud=options.max_patch_cloud, min_valid=options.min_valid,
             resampling=options.resampling, convention=options.convention,
-            env_overrides=options.env_overrides, sign_retries=options.sign_retries, warm=warm)
+            env_overrides=options.env_overrides, sign_retries=options.sign_retries, warm=warm,
+            read_pool=readers)
     return ds
 
 

@@ -1,6 +1,7 @@
 """A build at network latency: the tasks measure it, open each cube's files at once before
-reading them and read more cubes at once, with the same pixels and no more HTTP requests than
-a build over loopback (``benchmarks/latency.py`` measures the speed)."""
+reading them, read each cube's files at once (``cube.ReadPool``) and read more cubes at once,
+with the same pixels and no more HTTP requests than a build over loopback
+(``benchmarks/latency.py`` measures the speed)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,39 @@ def test_build_at_latency_is_identical_with_no_more_requests(stac_api, demo_tabl
     assert proxied <= 1.05 * loopback, (proxied, loopback)
     assert slow["status"]["complete"] == base["status"]["complete"] > 0
     assert assert_complete_samples_equal(tmp_path / "slow.zarr", clean_store) > 0
+
+
+def test_read_pool_reads_a_cubes_files_at_once_with_the_same_pixels(stac_api, demo_tables: dict,
+                                                                     tmp_path: Path):
+    import numpy as np
+
+    from pipeline.runner import read_locations
+
+    with FaultProxy(stac_api.asset_url, latency_s=0.05) as proxy:
+        scenes = pd.read_parquet(rewrite_scenes(demo_tables["scenes"], stac_api.asset_url,
+                                                proxy.url, tmp_path / "scenes.parquet"))
+        ok = scenes[(scenes["status"] == "ok") & (scenes["modality"] == "S2L2A")]
+        locs = read_locations(demo_tables["locations"])
+        loc = locs[locs["sample"] == ok["sample"].value_counts().index[0]].iloc[0].to_dict()
+        n_scenes = int((ok["sample"] == loc["sample"]).sum())
+        assert n_scenes >= 2
+
+        def read(pool):  # -> (the cube, the most requests it had waiting at once)
+            cube.clear_http_cache(cube.cube_hrefs("S2L2A", list(ok["item_json"])))
+            proxy.reset_max_waiting()
+            ds = cube.location_cubes(loc, scenes, modalities=("S2L2A",), compute=True,
+                                     read_pool=pool)["S2L2A"]
+            return ds, proxy.stats["max_waiting"]
+
+        # the cube's own thread reads its files one after another (GDAL may overlap an open's
+        # two requests) ...
+        one_by_one, waiting_alone = read(None)
+        assert waiting_alone <= 2
+        # ... a ReadPool reads them at once: the bands of every scene wait together
+        with cube.ReadPool(64) as pool:
+            at_once, waiting = read(pool)
+        assert waiting >= 4 * n_scenes, (waiting, n_scenes)
+    np.testing.assert_array_equal(at_once["bands"].values, one_by_one["bands"].values)
+    np.testing.assert_array_equal(at_once["cloud_mask"].values, one_by_one["cloud_mask"].values)
+    np.testing.assert_array_equal(at_once["valid_fraction"].values,
+                                  one_by_one["valid_fraction"].values)
