@@ -22,6 +22,7 @@ from store_fixtures import store_stats, write_store
 from pipeline import layout
 from pipeline import transforms as T
 from pipeline.cli import main as cli_main
+from pipeline.errors import UserError
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -182,6 +183,25 @@ def test_steps_resume_and_export(store: Path, tmp_path: Path, method: str, arch:
     other = safetensors_torch.load_file(str(tmp_path / "b" / "backbone.safetensors"))
     for k, v in other.items():
         assert torch.equal(v, exported[k]), k
+
+
+def test_vit_patch_size_trains_exports_and_loads(store: Path, tmp_path: Path) -> None:
+    from pipeline.train.export import load_backbone, spec_from_file
+
+    cfg = small_config("mae", str(store), str(tmp_path / "p8"),
+                       **_kw("vit_tiny_patch16_224", 32, patch_size=8))
+    weights = Path(pretrain(cfg)["weights"])
+    spec = spec_from_file(weights)
+    assert (spec.img_size, spec.patch_size) == (32, 8)
+    model = timm.create_model("vit_tiny_patch16_224", in_chans=12, num_classes=0, img_size=32,
+                              patch_size=8)
+    model.load_state_dict(safetensors_torch.load_file(str(weights)), strict=True)
+    loaded, _ = load_backbone(weights)
+    assert loaded.patch_embed.num_patches == 16  # (32 / 8) ** 2 tokens, not (32 / 16) ** 2
+    for bad, message in (({"arch": "resnet18", "crop_size": 32}, "applies to ViT"),
+                         ({"arch": "vit_tiny_patch16_224", "crop_size": 36}, "multiple of")):
+        with pytest.raises(UserError, match=message):
+            small_config("mae", str(store), "unused", patch_size=8, **bad).resolved()
 
 
 # ------------------------------------------------------------------- learning signal

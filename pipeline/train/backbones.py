@@ -6,7 +6,8 @@ in_chans=C, num_classes=0)`` expects: the exported weights load back with strict
 
 Paper sizes: ``resnet50`` (MoCo-v2, DINO) and ``vit_small_patch16_224`` (DINO, MAE, data2vec).
 Small sizes for tests and CPU demos: ``resnet18`` and ``vit_tiny_patch16_224`` with ``img_size``
-set to the crop size (64 or 96).
+set to the crop size (64 or 96), and optionally ``patch_size`` 8 (64 tokens at 64 px rather
+than 16: what MAE and data2vec need to learn at that size, ``benchmarks/learning.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class BackboneSpec:
     arch: str
     in_chans: int
     img_size: int | None = None  # ViT only; None keeps timm's default (224)
+    patch_size: int | None = None  # ViT only; None keeps the name's (16 for *_patch16_*)
 
     @property
     def is_vit(self) -> bool:
@@ -40,6 +42,8 @@ class BackboneSpec:
         kwargs: dict = {"in_chans": self.in_chans, "num_classes": 0}
         if self.is_vit and self.img_size is not None:
             kwargs["img_size"] = self.img_size
+        if self.is_vit and self.patch_size is not None:
+            kwargs["patch_size"] = self.patch_size
         return kwargs
 
 

@@ -165,6 +165,10 @@ def _add_pretrain(subparsers: Any) -> None:
                    "vit_tiny_patch16_224, ...)")
     m.add_argument("--crop-size", type=int, default=None,
                    help="training crop size in pixels (default 224; 64 in --size small)")
+    m.add_argument("--patch-size", type=int, default=None,
+                   help="ViT patch size in pixels (default: the architecture's, 16 for "
+                   "vit_*_patch16_*; 8 gives 64 tokens at 64 px crops, where 16 leaves 16). "
+                   "Recorded in the exported weights")
     m.add_argument("--epochs", type=int, default=None, help="total epochs of the schedule")
     m.add_argument("--batch-size", "-b", type=int, default=None,
                    help="batch size per process (default 64; 8 in --size small)")
@@ -302,7 +306,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError(f"--n-local/--local-size apply to dino only; drop them for --method "
                         f"{method}")
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                        ("--crop-size", args.crop_size)):
+                        ("--crop-size", args.crop_size), ("--patch-size", args.patch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give a positive number")
     resume: str | None = args.resume
@@ -329,7 +333,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "local_size": args.local_size,
         "progress": not args.no_progress,
     }
-    optional = {"arch": args.arch, "crop_size": args.crop_size, "epochs": args.epochs,
+    optional = {"arch": args.arch, "crop_size": args.crop_size, "patch_size": args.patch_size,
+                "epochs": args.epochs,
                 "batch_size": args.batch_size, "warmup_epochs": args.warmup_epochs,
                 "n_local": args.n_local, "num_workers": args.workers}
     if args.size == "small":

@@ -64,6 +64,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     arch: str | None = None
     crop_size: int = 224
+    patch_size: int | None = None  # ViT patch size; None: the architecture name's
     epochs: int = 100
     batch_size: int = 64  # per process
     lr: float | None = None  # MAE, DINO: base lr, scaled by global batch / 256
@@ -100,10 +101,23 @@ class TrainConfig:
         c.warmup_epochs = d.warmup_epochs if self.warmup_epochs is None else self.warmup_epochs
         c.optimizer = self.optimizer or d.optimizer
         c.clip_grad = d.clip_grad if self.clip_grad is None else self.clip_grad
+        if c.patch_size is not None:
+            if not is_vit(c.arch):
+                raise UserError(f"--patch-size applies to ViT backbones; drop it for {c.arch}")
+            if c.crop_size % c.patch_size:
+                raise UserError(f"--crop-size {c.crop_size} is not a multiple of --patch-size "
+                                f"{c.patch_size}; pick sizes that tile the crop")
         return c
 
 
 # ----------------------------------------------------------------------------------- helpers
+def backbone_spec(cfg: TrainConfig, in_chans: int) -> BackboneSpec:
+    """The backbone ``cfg`` trains: a ViT is built for the crop size (and ``patch_size``)."""
+    vit = is_vit(cfg.arch)
+    return BackboneSpec(cfg.arch, in_chans, cfg.crop_size if vit else None,
+                        cfg.patch_size if vit else None)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
     """Linear warmup to ``base_lr`` then half-cycle cosine to ``min_lr`` (per iteration)."""
     if step < warmup_steps:
@@ -409,7 +423,7 @@ def configure_cuda(device: torch.device) -> None:
 
 
 def setup_model(cfg: TrainConfig, in_chans: int, device: torch.device) -> Method:
-    spec = BackboneSpec(cfg.arch, in_chans, cfg.crop_size if is_vit(cfg.arch) else None)
+    spec = backbone_spec(cfg, in_chans)
     model = build_method(cfg.method, spec, **cfg.method_kwargs)
     if D.is_distributed() and device.type == "cuda" and not is_vit(cfg.arch):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -512,7 +526,7 @@ def pretrain(cfg: TrainConfig, dataset: Any | None = None) -> dict[str, Any]:
         jlog.write(type="epoch", **record, losses=stats["losses"])
         history.append({**record, "losses": stats["losses"]})
     weights = out / WEIGHTS
-    spec = BackboneSpec(cfg.arch, in_chans, cfg.crop_size if is_vit(cfg.arch) else None)
+    spec = backbone_spec(cfg, in_chans)
     if D.is_main():
         meta: dict[str, Any] = {"method": cfg.method, "epochs_done": st.epoch, "step": st.step,
                                 "crop_size": cfg.crop_size}

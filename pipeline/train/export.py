@@ -1,8 +1,9 @@
 """Export a pretrained backbone as safetensors that timm loads with strict key matching.
 
 The file holds exactly the ``state_dict`` of ``timm.create_model(arch, in_chans=C,
-num_classes=0[, img_size=S])``, plus string metadata (``ssl4eo:*`` keys) saying how to rebuild
-the model and prepare inputs: architecture, channel count, image size, band names, method and
+num_classes=0[, img_size=S, patch_size=P])``, plus string metadata (``ssl4eo:*`` keys) saying how
+to rebuild the model and prepare inputs: architecture, channel count, image and patch size
+(``patch_size`` only when it is not the name's), band names, method and
 the normalisation statistics used in pretraining. Load it with timm::
 
     timm.create_model(arch, in_chans=C, num_classes=0, pretrained=True,
@@ -45,6 +46,8 @@ def export_backbone(backbone: nn.Module, path: str | Path, spec: BackboneSpec,
         f"{META_PREFIX}in_chans": str(spec.in_chans),
         f"{META_PREFIX}img_size": "" if spec.img_size is None else str(spec.img_size),
     }
+    if spec.patch_size is not None:  # absent: the name's patch size (files from before)
+        meta[f"{META_PREFIX}patch_size"] = str(spec.patch_size)
     for key, value in metadata.items():
         meta[f"{META_PREFIX}{key}"] = value if isinstance(value, str) else json.dumps(value)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -91,14 +94,16 @@ def spec_from_file(path: str | Path, arch: str | None = None) -> BackboneSpec:
     if not arch or "in_chans" not in meta:
         raise UserError(f"weights file {str(path)!r} has no ssl4eo metadata; pass --arch and "
                         "--in-chans, or export it with `ssl4eo pretrain`")
-    img = meta.get("img_size")
-    return BackboneSpec(arch, int(meta["in_chans"]), int(img) if img else None)
+    img, patch = meta.get("img_size"), meta.get("patch_size")
+    return BackboneSpec(arch, int(meta["in_chans"]), int(img) if img else None,
+                        int(patch) if patch else None)
 
 
 def load_backbone(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A timm backbone with the weights in ``path`` loaded strictly, and the file's metadata.
 
-    The model is ``timm.create_model(arch, in_chans=C, num_classes=0[, img_size=S])`` and the
+    The model is ``timm.create_model(arch, in_chans=C, num_classes=0[, img_size=S,
+    patch_size=P])`` and the
     file's tensors go in with ``load_state_dict(strict=True)`` (timm's ``pretrained=True``
     route also works, but warns that the first convolution has more than 3 channels).
     """
