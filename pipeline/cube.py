@@ -330,11 +330,11 @@ MAX_READ_THREADS = 64
 def auto_read_threads(latency_s: float) -> int:
     """Cubes a shard task reads at once at ``latency_s`` per HTTP request.
 
-    A cube reads its files one after another: with its opens warmed (:class:`FileWarmer`) an S2
-    cube of 4 scenes waits about 52 requests in turn, 5 s at 100 ms, for about 0.5 s of CPU.
-    More cubes in flight keep the core busy while they wait: ``8 * (1 + latency / 50 ms)``, 8
-    on loopback, 11 at 20 ms, 24 at 100 ms, at most 64 (``benchmarks/latency.py`` measures
-    the effect; ``--read-threads`` sets it outright)."""
+    Even with its opens warmed (:class:`FileWarmer`) and its files read at once
+    (:class:`ReadPool`), a cube waits a few round trips (opens, then reads, then the patch
+    rule's candidates) for about 0.5 s of CPU. More cubes in flight keep the core busy while
+    they wait: ``8 * (1 + latency / 50 ms)``, 8 on loopback, 11 at 20 ms, 24 at 100 ms, at most
+    64 (``benchmarks/latency.py`` measures the effect; ``--read-threads`` sets it outright)."""
     n = BASE_READ_THREADS * (1 + max(0.0, latency_s) / READ_THREADS_LATENCY_S)
     return int(min(MAX_READ_THREADS, max(BASE_READ_THREADS, round(n))))
 
