@@ -792,11 +792,12 @@ def s1_cube(
     keys, _ = asset_keys(modality, provider)
     items = prepare_items(item_jsons, keys, grid)
     env_overrides = {**provider.gdal_options(modality), **(env_overrides or {})}
+    read_pool = read_pool if compute else None
     lin = _stack(items, keys, grid, dtype="float32", fill=np.float32(np.nan),
                  resampling=resampling, env=gdal_env(env_overrides), sign=provider.signer(),
                  sign_retries=sign_retries, time_chunk=None if compute else time_chunk,
-                 per_asset=compute and read_pool is not None).data
-    (lin,) = _reads([lin], compute, env_overrides, read_pool if compute else None)
+                 per_asset=read_pool is not None).data
+    (lin,) = _reads([lin], compute, env_overrides, read_pool)
     apply = _apply_whole if compute else dsa.map_blocks
     db = apply(rtc_to_db, lin, dtype=np.float32)
     valid = apply(s1_valid, db, drop_axis=1, dtype=bool)

@@ -364,9 +364,11 @@ def build_shard(
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max(1, threads),
                                                       thread_name_prefix="ssl4eo-cube"))
+        # opens and reads wait on the network, not the CPU: 4 per cube thread, at most 128
+        io_threads = min(128, 4 * threads)
         opener = cube.FileWarmer(stack.enter_context(ThreadPoolExecutor(
-            min(128, 4 * threads), thread_name_prefix="ssl4eo-open"))) if warm else None
-        readers = stack.enter_context(cube.ReadPool(min(128, 4 * threads))) if warm else None
+            io_threads, thread_name_prefix="ssl4eo-open"))) if warm else None
+        readers = stack.enter_context(cube.ReadPool(io_threads)) if warm else None
         futures = {pool.submit(_read_modality, records[i], ok, m, options, provider, opener,
                                readers): (i, m) for i, m in jobs}
         for fut in as_completed(futures):
