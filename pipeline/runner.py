@@ -336,6 +336,10 @@ def build_shard(
     ok = scenes[scenes["status"] == "ok"]
     provider = _provider(options, ok)
     arrays = {m: store.empty_shard(m, ids) for m in options.modalities}
+    # each sample's share of the shard's band statistics, computed as it is placed (a sample
+    # without data: the sums of its fill)
+    empty_sums = {m: store.sample_sums(arrays[m]["bands"][0], m) for m in options.modalities}
+    sums = {m: [empty_sums[m]] * len(ids) for m in options.modalities}
     status = np.full(len(ids), layout.STATUS_CODES["complete"], np.uint8)
     failure = [""] * len(ids)
     records = rows.to_dict("records")
@@ -369,14 +373,20 @@ def build_shard(
         opener = cube.FileWarmer(stack.enter_context(ThreadPoolExecutor(
             io_threads, thread_name_prefix="ssl4eo-open"))) if warm else None
         readers = stack.enter_context(cube.ReadPool(io_threads)) if warm else None
-        futures = {pool.submit(_read_modality, records[i], ok, m, options, provider, opener,
-                               readers): (i, m) for i, m in jobs}
+
+        def read_and_place(i: int, m: str) -> None:
+            # on the cube's thread: its copy into the shard (its own rows) and what its bands
+            # add to the shard's statistics, while other cubes are still being read
+            ds = _read_modality(records[i], ok, m, options, provider, opener, readers)
+            if ds is not None and status[i] != layout.STATUS_CODES["failed"]:
+                _place(arrays[m], i, ds, m)
+                sums[m][i] = store.sample_sums(arrays[m]["bands"][i], m)
+
+        futures = {pool.submit(read_and_place, i, m): (i, m) for i, m in jobs}
         for fut in as_completed(futures):
             i, m = futures.pop(fut)
             try:
-                ds = fut.result()
-                if ds is not None and status[i] != layout.STATUS_CODES["failed"]:
-                    _place(arrays[m], i, ds, m)
+                fut.result()
             except Exception as exc:  # noqa: BLE001 - recorded per sample, never silent
                 if status[i] != layout.STATUS_CODES["failed"]:
                     status[i] = layout.STATUS_CODES["failed"]
@@ -388,8 +398,10 @@ def build_shard(
             for k, v in fresh.items():
                 if k not in ("center_lat", "center_lon", "crs", "x_", "y_"):
                     arrays[m][k][i] = v[0]
+            sums[m][i] = empty_sums[m]
     n_scenes = int(sum((arrays[m]["file_id"] != "").sum() for m in options.modalities))
-    store.write_shard_arrays(store_path, shard, ids, arrays, status, failure, shard_samples=s)
+    store.write_shard_arrays(store_path, shard, ids, arrays, status, failure, shard_samples=s,
+                             sums=sums)
     return {"shard": shard, "samples": len(ids), "scenes": n_scenes,
             "failed": int((status == layout.STATUS_CODES["failed"]).sum()),
             "seconds": time.perf_counter() - t0, "pid": os.getpid(),

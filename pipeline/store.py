@@ -554,42 +554,59 @@ def empty_shard(modality: str, samples: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def partial_moments(bands: np.ndarray, modality: str) -> np.ndarray:
-    """(band, 3) count, mean, M2 over valid pixels of ``bands (..., band, y, x)``.
+def sample_sums(bands: np.ndarray, modality: str) -> np.ndarray:
+    """What one sample's ``bands (..., band, y, x)`` adds to its shard's partial moments
+    (:func:`partial_moments`), computed where the sample is read (the task's read threads)
+    so that writing a shard only adds them up.
 
-    One (sample, time) image of a band at a time, so the float64 copies stay small (557 kB for
+    S2 (uint16, 0 = nodata): ``(band, 3)`` count, sum and sum of squares of the non-zero pixels,
+    exact in float64 for these integers (so they add up exactly, in any order). S1 (float32,
+    NaN = nodata): ``(image, band, 3)`` count, mean and M2 of each (time) image's finite values,
+    two-pass, which :func:`moments_from_sums` combines in sample order.
+
+    One (time) image of a band at a time, so the float64 copies stay small (557 kB for
     264 x 264: in the cache and on the heap, instead of one 18 MB temporary per band of a
-    shard). S2 (uint16, 0 = nodata): nodata adds nothing to the sums, so count, sum and sum of
-    squares come from the whole image (exact in float64 for these integers; M2 = sum(x^2) -
-    sum(x) * mean has a relative error near 1e-16 here). S1 (float32, NaN = nodata): each
-    image's finite values, two-pass, combined across images as :func:`combine_moments` does.
+    shard).
     """
     nb = bands.shape[-3]
     images = bands.reshape((-1,) + bands.shape[-3:])
-    out = np.zeros((nb, 3))
-    s1 = modality.startswith("S1")
-    for b in range(nb):
-        if s1:
-            parts = np.zeros((len(images), 1, 3))
-            for k, image in enumerate(images[:, b]):
-                v = image[np.isfinite(image)].astype(np.float64)
+    if modality.startswith("S1"):
+        parts = np.zeros((len(images), nb, 3))
+        for k, image in enumerate(images):
+            for b in range(nb):
+                v = image[b][np.isfinite(image[b])].astype(np.float64)
                 if v.size:
                     mean = v.mean()
                     d = v - mean
-                    parts[k, 0] = (v.size, mean, d @ d)
-            count, mean, m2 = _combine(parts)
-            out[b] = (count[0], mean[0], m2[0])
-            continue
-        n = total = squares = 0.0
+                    parts[k, b] = (v.size, mean, d @ d)
+        return parts
+    out = np.zeros((nb, 3))
+    for b in range(nb):
         for image in images[:, b]:
             f = image.astype(np.float64).ravel()
-            n += np.count_nonzero(image)
-            total += f.sum()
-            squares += f @ f
-        if n:
-            mean = total / n
-            out[b] = (n, mean, max(squares - total * mean, 0.0))
+            out[b] += (np.count_nonzero(image), f.sum(), f @ f)
     return out
+
+
+def moments_from_sums(sums: Sequence[np.ndarray], modality: str) -> np.ndarray:
+    """(band, 3) count, mean, M2 of a shard from its samples' :func:`sample_sums`, in sample
+    order (S2: M2 = sum(x^2) - sum(x) * mean, a relative error near 1e-16 here; S1: the images'
+    moments combined as :func:`combine_moments` does)."""
+    if modality.startswith("S1"):
+        count, mean, m2 = _combine(np.concatenate(list(sums)))  # (image, band, 3)
+        return np.stack([count, mean, m2], axis=-1)
+    n, total, squares = np.sum(sums, axis=0).T
+    out = np.zeros((len(n), 3))
+    for b in np.flatnonzero(n):
+        mean = total[b] / n[b]
+        out[b] = (n[b], mean, max(squares[b] - total[b] * mean, 0.0))
+    return out
+
+
+def partial_moments(bands: np.ndarray, modality: str) -> np.ndarray:
+    """(band, 3) count, mean, M2 over valid pixels of ``bands (sample, ..., band, y, x)``
+    (S2 non-zero, S1 finite): :func:`moments_from_sums` of each sample's :func:`sample_sums`."""
+    return moments_from_sums([sample_sums(b, modality) for b in bands], modality)
 
 
 def combine_moments(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -629,8 +646,11 @@ def write_shard_arrays(
     status: np.ndarray,
     failure: Sequence[str],
     shard_samples: int = layout.SHARD_SAMPLES,
+    sums: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> None:
     """Write one whole shard: every modality group, then ``status``/``failure`` (last).
+    ``sums``: per modality, each sample's :func:`sample_sums` when the task computed them
+    while it read (else they are computed here from the bands).
 
     Straight through zarr into the template's arrays (whose dtypes and encodings
     :func:`create_store` fixed: ``time_`` as int64 nanoseconds, NaN / NaT as stored), a region
@@ -653,7 +673,9 @@ def write_shard_arrays(
             if name == "time_":
                 values = np.asarray(values, "datetime64[ns]").view(np.int64)
             group[name].with_config(write_all)[rows] = values
-        group["stats_partial"][shard:shard + 1] = partial_moments(arrs["bands"], modality)[None]
+        moments = (moments_from_sums(sums[modality], modality) if sums and modality in sums
+                   else partial_moments(arrs["bands"], modality))
+        group["stats_partial"][shard:shard + 1] = moments[None]
     root["failure"][rows] = np.asarray(failure, f"<U{FAILURE_LEN}")
     root["status"][rows] = np.asarray(status, np.uint8)
 
