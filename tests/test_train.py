@@ -299,19 +299,40 @@ def test_cli_pretrain_runs_and_reports_bad_options(store: Path, tmp_path: Path,
     out = tmp_path / "cli"
     rc = cli_main(["pretrain", "--method", "data2vec", "--store", str(store), "--size", "small",
                    "--crop-size", "32", "--batch-size", "4", "--epochs", "1",
-                   "--max-steps-per-epoch", "2", "--mask-ratio", "0.5", "--out", str(out),
-                   "--no-progress", "--json"])
+                   "--max-steps-per-epoch", "2", "--mask-ratio", "0.5", "--layer-norm-targets",
+                   "--out", str(out), "--no-progress", "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["arch"] == "vit_tiny_patch16_224"
     start = json.loads((out / LOG).read_text().splitlines()[0])
-    assert start["config"]["method_kwargs"] == {"mask_fraction": 0.5}
+    assert start["config"]["method_kwargs"] == {"mask_fraction": 0.5, "layer_norm_targets": True}
     _timm_load(Path(summary["weights"]), "vit_tiny_patch16_224", 32)
     # a second call resumes: nothing left to do
     rc = cli_main(["pretrain", "--method", "data2vec", "--store", str(store), "--size", "small",
                    "--crop-size", "32", "--batch-size", "4", "--epochs", "1", "--out", str(out),
                    "--no-progress"])
     assert rc == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_data2vec_targets_are_normalised_per_block_and_optionally_per_token() -> None:
+    from pipeline.train.backbones import BackboneSpec
+    from pipeline.train.methods import Data2Vec
+
+    torch.manual_seed(0)
+    spec = BackboneSpec("vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8)
+    imgs = torch.randn(2, 3, 32, 32)
+    plain = Data2Vec(spec, top_k=1)
+    t = plain.targets(imgs)  # one block: its instance norm, each channel over the 16 tokens
+    assert t.shape == (2, 16, plain.student.embed_dim)
+    assert t.mean(dim=1).abs().max() < 1e-4
+    assert torch.allclose(t.var(dim=1, unbiased=False), torch.ones(2, t.shape[-1]), atol=1e-3)
+    assert t.std(dim=2).sub(1).abs().max() > 0.05  # per token, the channels' scale is uneven
+    ln = Data2Vec(spec, top_k=3, layer_norm_targets=True)
+    ln.load_state_dict(plain.state_dict())
+    u = ln.targets(imgs)
+    assert u.mean(dim=2).abs().max() < 1e-4  # each token over its features
+    assert torch.allclose(u.var(dim=2, unbiased=False), torch.ones(2, 16), atol=1e-3)
+    assert torch.isfinite(ln([imgs])) and not torch.allclose(u, t)
 
 
 # ------------------------------------------------------------------------------- probe

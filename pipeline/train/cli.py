@@ -68,6 +68,7 @@ _METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "top_k": {"data2vec": "top_k"},
     "ema_start": {"data2vec": "ema_start"},
     "ema_end": {"data2vec": "ema_end"},
+    "layer_norm_targets": {"data2vec": "layer_norm_targets"},
 }
 
 
@@ -221,6 +222,9 @@ def _add_pretrain(subparsers: Any) -> None:
                     help="data2vec: teacher EMA at the start (0.999)")
     mo.add_argument("--ema-end", type=float, default=None,
                     help="data2vec: teacher EMA at the end (0.9998)")
+    mo.add_argument("--layer-norm-targets", action="store_true", default=None,
+                    help="data2vec: layer-normalise the averaged target over its features "
+                    "(after each block's instance norm over tokens; off by default)")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available")

@@ -486,13 +486,17 @@ class Data2Vec(Method):
     instance-normalised over tokens); the teacher is an EMA of the student with momentum
     0.999 -> 0.9998 (linear over training). Paper: ViT-S/16, 120 of 196 patches masked, target
     layers 6-11 (K = 6). Masking here is random per patch (BEiT uses block-wise masking).
+    ``layer_norm_targets`` adds fairseq's parameter-less layer norm over features of the
+    averaged target (instance norm per block -> average -> layer norm), which puts back, per
+    token, the scale that the per-block instance norm over tokens leaves uneven across channels.
     """
 
     name = "data2vec"
     num_season_views = 1
 
     def __init__(self, spec: BackboneSpec, mask_fraction: float = 120 / 196, top_k: int = 6,
-                 ema_start: float = 0.999, ema_end: float = 0.9998) -> None:
+                 ema_start: float = 0.999, ema_end: float = 0.9998,
+                 layer_norm_targets: bool = False) -> None:
         super().__init__()
         if not spec.is_vit:
             raise UserError(f"data2vec needs a ViT backbone (e.g. vit_small_patch16_224), got {spec.arch!r}")
@@ -505,6 +509,7 @@ class Data2Vec(Method):
         self.mask_fraction = mask_fraction
         self.top_k = min(top_k, len(self.student.blocks))
         self.ema_start, self.ema_end = ema_start, ema_end
+        self.layer_norm_targets = layer_norm_targets
 
     @property
     def backbone(self) -> nn.Module:
@@ -535,17 +540,26 @@ class Data2Vec(Method):
         x = torch.cat([vit_cls_token(s, n), tok + s.pos_embed[:, 1:]], dim=1)
         x = s.norm(s.blocks(s.norm_pre(x)))
         pred = self.regression_head(x[:, 1:][mask]).float()
-        with torch.no_grad():
-            t = self.teacher
-            y = torch.cat([vit_cls_token(t, n), t.patch_embed(imgs) + t.pos_embed[:, 1:]], dim=1)
-            y = t.norm_pre(y)
-            outs = []
-            for i, blk in enumerate(t.blocks):
-                y = blk(y)
-                if i >= len(t.blocks) - self.top_k:
-                    outs.append(F.instance_norm(y[:, 1:].float().transpose(1, 2)).transpose(1, 2))
-            target = (sum(outs) / len(outs))[mask]
-        return F.mse_loss(pred, target)
+        return F.mse_loss(pred, self.targets(imgs)[mask])
+
+    @torch.no_grad()
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The teacher's targets ``[B, L, D]`` for every patch of ``imgs``: its top-K block
+        outputs, each instance-normalised over tokens, averaged (then layer-normalised over
+        features with ``layer_norm_targets``)."""
+        t = self.teacher
+        n = imgs.shape[0]
+        y = torch.cat([vit_cls_token(t, n), t.patch_embed(imgs) + t.pos_embed[:, 1:]], dim=1)
+        y = t.norm_pre(y)
+        outs = []
+        for i, blk in enumerate(t.blocks):
+            y = blk(y)
+            if i >= len(t.blocks) - self.top_k:
+                outs.append(F.instance_norm(y[:, 1:].float().transpose(1, 2)).transpose(1, 2))
+        target = sum(outs) / len(outs)
+        if self.layer_norm_targets:
+            target = F.layer_norm(target, target.shape[-1:])
+        return target
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
