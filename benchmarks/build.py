@@ -168,6 +168,9 @@ def _child(args: argparse.Namespace) -> int:
     import pipeline.cube  # noqa: F401
     import pipeline.runner  # noqa: F401
 
+    if args.mode == "async_tiff":
+        import async_tiff  # noqa: F401
+        import obstore  # noqa: F401
     if args.mode == "odc_stac":
         import odc.geo.geobox  # noqa: F401
         import odc.stac  # noqa: F401
@@ -178,6 +181,10 @@ def _child(args: argparse.Namespace) -> int:
         out = run_rasterio(args.scenes, args.locations, args.threads)
     elif args.mode == "odc_stac":
         out = run_odc(args.scenes, args.locations, args.threads)
+    elif args.mode == "async_tiff":  # benchmarks/async_cog.py, for benchmarks/latency.py
+        from async_cog import run_async_tiff
+
+        out = run_async_tiff(args.scenes, args.locations, args.threads)
     else:
         out = run_pipeline(args.scenes, args.locations, args.threads, args.store,
                            args.shard_samples)
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds; each runs the three methods in turn, and each method's least "
                     "CPU is kept (default 3)")
-    ap.add_argument("--mode", choices=("rasterio", "odc_stac", "pipeline"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("rasterio", "odc_stac", "pipeline", "async_tiff"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--scenes", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--locations", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)

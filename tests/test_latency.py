@@ -106,3 +106,24 @@ def test_read_pool_reads_a_cubes_files_at_once_with_the_same_pixels(stac_api, de
     np.testing.assert_array_equal(at_once["cloud_mask"].values, one_by_one["cloud_mask"].values)
     np.testing.assert_array_equal(at_once["valid_fraction"].values,
                                   one_by_one["valid_fraction"].values)
+
+
+def test_async_cog_reader_beside_gdal_reads_the_same_pixels_at_once(stac_api, demo_tables: dict,
+                                                                     tmp_path: Path):
+    """benchmarks/latency.py's async reader (async-tiff + obstore, then GDAL's WarpedVRT from
+    memory): through a 30 ms proxy, every patch asset of the demo tables at once, each equal to
+    the rasterio loop's read of the same file."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import async_cog
+
+    with FaultProxy(stac_api.asset_url, latency_s=0.03) as proxy:
+        scenes = rewrite_scenes(demo_tables["scenes"], stac_api.asset_url, proxy.url,
+                                tmp_path / "scenes.parquet")
+        tasks = async_cog.patch_reads(scenes, demo_tables["locations"])
+        result = async_cog.compare(tasks, in_flight=16)
+        waiting = proxy.stats["max_waiting"]
+    assert result["reads"] == len(tasks) > 20
+    assert result["identical"] == result["reads"], result
+    assert waiting >= 16, waiting  # 16 assets in flight, each its header or its tiles
