@@ -77,7 +77,7 @@ GDAL_HTTP_ENV: dict[str, Any] = {
     "GDAL_CACHEMAX": 256,
     "VSI_CACHE_SIZE": "5000000",
     # GDAL's process-wide cache of downloaded /vsicurl/ regions (default 16 MB): large enough
-    # to hold the headers that FileWarmer fetched for the cubes in flight until they are read
+    # to hold the headers of the files of every cube in flight until they are read
     "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 2**20),
 }
 
@@ -316,10 +316,10 @@ def gdal_thread_env(overrides: Mapping[str, Any] | None = None):  # -> Iterator[
             _THREAD_ENV.key = before
 
 
-# ------------------------------------------------------------------------ latency: warm opens
-#: from this measured latency per request on, the build opens a cube's files concurrently
-#: before reading it (:class:`FileWarmer`); below it (loopback, a local disk) it does not
-WARM_LATENCY_S = 0.005
+# ------------------------------------------------------------------- latency: reads at once
+#: from this measured latency per request on, the build reads each cube's files at once
+#: (:class:`ReadPool`); below it (loopback, a local disk) a cube reads them in turn
+READ_POOL_LATENCY_S = 0.005
 #: read threads per shard task at zero latency, and the latency that doubles them
 #: (:func:`auto_read_threads`)
 BASE_READ_THREADS = 8
@@ -330,9 +330,9 @@ MAX_READ_THREADS = 64
 def auto_read_threads(latency_s: float) -> int:
     """Cubes a shard task reads at once at ``latency_s`` per HTTP request.
 
-    Even with its opens warmed (:class:`FileWarmer`) and its files read at once
-    (:class:`ReadPool`), a cube waits a few round trips (opens, then reads, then the patch
-    rule's candidates) for about 0.5 s of CPU. More cubes in flight keep the core busy while
+    Even with its files read at once (:class:`ReadPool`), a cube waits a few round trips
+    (each file's HEAD and header, then its tiles, then the patch rule's candidates) for about
+    0.5 s of CPU. More cubes in flight keep the core busy while
     they wait: ``8 * (1 + latency / 50 ms)``, 8 on loopback, 11 at 20 ms, 24 at 100 ms, at most
     64 (``benchmarks/latency.py`` measures the effect; ``--read-threads`` sets it outright)."""
     n = BASE_READ_THREADS * (1 + max(0.0, latency_s) / READ_THREADS_LATENCY_S)
@@ -364,9 +364,10 @@ def cube_hrefs(modality: str, item_jsons: Sequence[str | Mapping[str, Any]],
 def open_file(href: str, sign: Callable[[str], str] | None = None,
               env_overrides: Mapping[str, Any] | None = None) -> float:
     """Open one file the way a cube's reader does (signed, in the cubes' GDAL options) and
-    close it; returns the seconds it took. GDAL keeps what the open fetched (the file's size
-    from the HEAD, its header bytes) in a process-wide cache keyed by URL, so the cube's own
-    open that follows costs no request. Errors are left to that open, which reports them."""
+    close it; returns the seconds it took (the build's latency probe). GDAL keeps what the
+    open fetched (the file's size from the HEAD, its header bytes) in a process-wide cache
+    keyed by URL, so the cube's own open that follows costs no request. Errors are left to
+    that open, which reports them."""
     import rasterio
 
     t0 = time.perf_counter()
@@ -374,40 +375,14 @@ def open_file(href: str, sign: Callable[[str], str] | None = None,
         with gdal_thread_env(env_overrides), rasterio.open(sign(href) if sign else href):
             pass
     except Exception:  # noqa: BLE001 - the cube's read raises it, with its retries
-        log.debug("warming %s failed; the read will report it", href)
+        log.debug("opening %s failed; the read will report it", href)
     return time.perf_counter() - t0
-
-
-class FileWarmer:
-    """Opens files at once on a thread pool before a cube reads them, so that the cube, which
-    opens its files one after another, then pays one round trip per file (its tile reads)
-    instead of three (HEAD, header, tiles). One per task: each file is opened once, however
-    many cubes read it (a cube whose file another cube is opening waits for that open instead
-    of fetching the same header at the same time)."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self._opens: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, hrefs: Sequence[str], *, sign: Callable[[str], str] | None = None,
-                 env_overrides: Mapping[str, Any] | None = None) -> None:
-        with self._lock:
-            pending = []
-            for href in dict.fromkeys(hrefs):
-                fut = self._opens.get(href)
-                if fut is None:
-                    fut = self._opens[href] = self.pool.submit(open_file, href, sign,
-                                                               env_overrides)
-                pending.append(fut)
-        for fut in pending:
-            fut.result()
 
 
 class ReadPool:
     """Threads that read a cube's files at once: one read per scene and asset, instead of one
     after another in the cube's thread (an S2 cube of 4 scenes waits 52 round trips in turn,
-    5 s at 100 ms; read at once, about one). Used from :data:`WARM_LATENCY_S` on, where the
+    5 s at 100 ms; read at once, about one). Used from :data:`READ_POOL_LATENCY_S` on, where the
     waits cost more than the graph of 52 small tasks (about a quarter more CPU than one chunk
     a cube, ``_stack``'s note). One per task, shared by its cubes; the threads hold the
     cubes' GDAL environment (:func:`gdal_thread_env`, one executor per set of options), so the
@@ -936,7 +911,6 @@ def scl_fractions(items: Sequence[Mapping[str, Any]], grid: Grid, *, provider: A
 
 def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - xr.Dataset
                  max_patch_cloud: float = MAX_PATCH_CLOUD, min_valid: float = MIN_VALID,
-                 warm: Callable[[list[str]], None] | None = None,
                  **cube_kwargs: Any):  # -> xr.Dataset
     """The S2 L2A cube ``ds`` (the scene-level rule's scenes, one per season) with each season
     whose patch is too cloudy (``> max_patch_cloud``) or too empty (valid ``< min_valid``)
@@ -950,8 +924,8 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
     the winner's bands are read. Adds per-scene coordinates ``patch_cloud_fraction``,
     ``candidates_tried`` (scenes judged, the first included) and ``candidate_rank`` (0: the
     rule's scene). Without SCL (S2 L1C) the scene-level choice stays and the patch cloud
-    fraction is unknown (NaN). ``warm``: called with the hrefs about to be read (the
-    runners-up's SCL, then the winners' files) before they are read (see :class:`FileWarmer`).
+    fraction is unknown (NaN). With a ``read_pool`` in ``cube_kwargs`` the runners-up's SCL
+    and the winners' files are read at once as well.
     """
     import xarray as xr
 
@@ -972,9 +946,6 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
         others = json.loads(row.get("candidates") or "[]") if "candidates" in row else []
         if not others:
             continue
-        if warm is not None:
-            scl_key = asset_keys(layout.S2L2A, provider)[1]
-            warm([o["assets"][scl_key]["href"] for o in others if scl_key in o.get("assets", {})])
         alt_cloud, alt_bad = scl_fractions(
             others, grid, provider=provider, env_overrides=cube_kwargs.get("env_overrides"),
             sign_retries=cube_kwargs.get("sign_retries", SIGN_RETRIES),
@@ -986,8 +957,6 @@ def patch_choice(ds, rows: Any, grid: Grid, *, provider: Any,  # noqa: ANN001 - 
             rank[k] = best + 1
     if replace:
         keep = [k for k in range(n) if k not in replace]
-        if warm is not None:
-            warm(cube_hrefs(layout.S2L2A, [replace[k][0] for k in sorted(replace)], provider))
         new = s2_cube([replace[k][0] for k in sorted(replace)], grid, modality=layout.S2L2A,
                       provider=provider, compute=True, **cube_kwargs)
         season = np.asarray(ds["season"].values)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import re
@@ -358,26 +357,26 @@ def build_shard(
     scene_counts = ok.groupby(["sample", "modality"]).size().to_dict()
     jobs = sorted(((i, m) for i in range(len(records)) for m in options.modalities),
                   key=lambda j: -scene_counts.get((ids[j[0]], j[1]), 0) * _assets_per_scene(j[1]))
-    # latency: the first file's open is a HEAD and a header read, two round trips. Above
-    # cube.WARM_LATENCY_S each cube's files are opened at once before it reads them (GDAL
-    # keeps what an open fetched), each cube's files are read at once (cube.ReadPool, one
-    # chunk per scene and asset), and more cubes are read at once (cube.auto_read_threads)
+    # latency: a file's open is a HEAD and a header read, two round trips, then its tiles.
+    # From cube.READ_POOL_LATENCY_S on each cube's files are read at once (cube.ReadPool, one
+    # chunk per scene and asset), and more cubes are read at once (cube.auto_read_threads).
+    # (Opening a cube's files at once before it read them in turn, as the build did first,
+    # only added a second open per file once the ReadPool reads: benchmarks/latency.py,
+    # README "The build at network latency".)
     latency_s = _probe_latency(ok, options, provider)
     threads = options.read_threads or cube.auto_read_threads(latency_s)
-    warm = latency_s >= cube.WARM_LATENCY_S
+    at_once = latency_s >= cube.READ_POOL_LATENCY_S
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max(1, threads),
                                                       thread_name_prefix="ssl4eo-cube"))
-        # opens and reads wait on the network, not the CPU: 4 per cube thread, at most 128
-        io_threads = min(128, 4 * threads)
-        opener = cube.FileWarmer(stack.enter_context(ThreadPoolExecutor(
-            io_threads, thread_name_prefix="ssl4eo-open"))) if warm else None
-        readers = stack.enter_context(cube.ReadPool(io_threads)) if warm else None
+        # reads wait on the network, not the CPU: 4 per cube thread, at most 128
+        readers = (stack.enter_context(cube.ReadPool(min(128, 4 * threads))) if at_once
+                   else None)
 
         def read_and_place(i: int, m: str) -> None:
             # on the cube's thread: its copy into the shard (its own rows) and what its bands
             # add to the shard's statistics, while other cubes are still being read
-            ds = _read_modality(records[i], ok, m, options, provider, opener, readers)
+            ds = _read_modality(records[i], ok, m, options, provider, readers)
             if ds is not None and status[i] != layout.STATUS_CODES["failed"]:
                 _place(arrays[m], i, ds, m)
                 sums[m][i] = store.sample_sums(arrays[m]["bands"][i], m)
@@ -405,7 +404,7 @@ def build_shard(
     return {"shard": shard, "samples": len(ids), "scenes": n_scenes,
             "failed": int((status == layout.STATUS_CODES["failed"]).sum()),
             "seconds": time.perf_counter() - t0, "pid": os.getpid(),
-            "latency_s": round(latency_s, 4), "read_threads": threads, "warmed": warm}
+            "latency_s": round(latency_s, 4), "read_threads": threads, "read_at_once": at_once}
 
 
 #: per worker process, the latency measured per storage host (scheme and host of the hrefs)
@@ -417,8 +416,8 @@ def _probe_latency(ok, options: BuildOptions, provider) -> float:  # noqa: ANN00
     process and host: opening three files one after another (each a HEAD and a header read,
     two round trips; the fastest, as the first also pays for the first connection and a busy
     moment can delay any one). Later tasks reuse it (their files may already be in GDAL's
-    cache, which would read as no latency at all). 0 with no scene. The opens warm those
-    files for the cubes."""
+    cache, which would read as no latency at all). 0 with no scene. GDAL keeps what the opens
+    fetched for the cubes that read those files."""
     import urllib.parse
 
     from . import cube
@@ -455,23 +454,16 @@ def _provider(options: BuildOptions, ok):  # noqa: ANN001 - -> providers.Provide
 
 
 def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOptions,  # noqa: ANN001
-                   provider, opener=None, readers=None):  # noqa: ANN001 - -> xr.Dataset | None
+                   provider, readers=None):  # noqa: ANN001 - -> xr.Dataset | None
     """One location's computed cube of ``modality`` (None: no scene). The cube's reader signs
     each href as it opens the file, and after HTTP 401/403 (an expired token) drops the
     signer's cached tokens and signs again, ``options.sign_retries`` times
     (:class:`pipeline.cube.RetryingRioReader`); any other error is raised (and recorded).
-    ``opener``: the task's :class:`pipeline.cube.FileWarmer`, which first opens the cube's
-    files at once (high latency), and ``readers``: its :class:`pipeline.cube.ReadPool`, on
-    whose threads the cube then reads its files at once rather than one after another."""
+    ``readers``: the task's :class:`pipeline.cube.ReadPool` (at latency), on whose threads
+    the cube reads its files at once rather than one after another."""
     from . import cube
 
     rows = ok[(ok["sample"] == loc["sample"]) & (ok["modality"] == modality)]
-    warm = None
-    if opener is not None:
-        warm = functools.partial(opener, sign=provider.signer(),
-                                 env_overrides={**provider.gdal_options(modality),
-                                                **dict(options.env_overrides)})
-        warm(cube.cube_hrefs(modality, list(rows["item_json"]), provider))
     # computed in this thread (dask's synchronous scheduler, one GDAL environment): the shard
     # task computes read_threads cubes at once (build_shard). Computing the stackstac arrays,
     # not the xarray dataset, also keeps clear of dask 2026.8 dropping keys ("Missing
@@ -487,7 +479,7 @@ def _read_modality(loc: Mapping[str, Any], ok, modality: str, options: BuildOpti
             ds, rows, cube.Grid.from_location(loc), provider=provider,
             max_patch_cloud=options.max_patch_cloud, min_valid=options.min_valid,
             resampling=options.resampling, convention=options.convention,
-            env_overrides=options.env_overrides, sign_retries=options.sign_retries, warm=warm,
+            env_overrides=options.env_overrides, sign_retries=options.sign_retries,
             read_pool=readers)
     return ds
 
@@ -814,7 +806,7 @@ def run_build(
         lat = sorted(r.get("latency_s", 0.0) for r in results)
         out["reading"] = {"latency_s_median": lat[len(lat) // 2],
                           "read_threads": sorted({r.get("read_threads") for r in results}),
-                          "opens_warmed": sum(bool(r.get("warmed")) for r in results)}
+                          "read_at_once": sum(bool(r.get("read_at_once")) for r in results)}
     return out
 
 
