@@ -1,15 +1,18 @@
 """Does pretraining on the store learn something? Each method against random weights.
 
 For each method (MoCo-v2, DINO, MAE, data2vec) and seed: pretrain a CPU-sized backbone on a
-store built from the embedded catalog (its synthetic scenes, plus the real scenes when
-``../shared/data/real`` is there), then probe its frozen features next to the same backbone
+store built from the embedded catalog (demo locations on its synthetic scenes, plus, when
+``../shared/data/real`` is there, locations tiling the real Sentinel-2 scenes the seasons can
+choose), then probe its frozen features next to the same backbone
 with random weights (seeded alike), on EuroSAT-MS (when present) and on the synthetic land
 cover, with a kNN probe (:func:`pipeline.train.probe.knn_cross_validate`) and the linear probe
 (:func:`pipeline.train.probe.cross_validate`), both by stratified 5-fold cross-validation.
 
-The budget is a fixed number of optimizer steps per run (``--steps``), not a time: the machine
-is shared, so wall time says little. The process CPU seconds each run took are printed beside
-it (``cpu_s``; loader, augmentation and model run in this one process, ``--workers 0``).
+The budget is a fixed number of optimizer steps per run (each recipe's ``steps``, sized to about
+600 CPU s a run, 10 minutes of 2 cores a method at 2 seeds; ``--steps`` sets one for all), not
+a time: the machine is shared, so wall time says little. The process CPU seconds each run took
+are printed beside it (``cpu_s``; loader, augmentation and model run in this one process,
+``--workers 0``).
 
 Prints one JSON object on stdout::
 
@@ -55,18 +58,26 @@ METHODS = ("moco", "dino", "mae", "data2vec")
 RECIPES: dict[str, dict[str, Any]] = {
     # a queue of 2 batches: with 35 locations a longer one holds each location many times
     # over, as negatives of itself (1,024: synthetic kNN +3.2 instead of +5.1, seed 0)
-    "moco": {"arch": "resnet18", "lr": 0.06, "warmup_frac": 0.05,
+    "moco": {"arch": "resnet18", "steps": 300, "lr": 0.06, "warmup_frac": 0.05,
              "method_kwargs": {"queue_size": 64, "bn_splits": 4, "momentum": 0.99}},
     # the paper's other DINO backbone (ResNet-50 there): a random vit_tiny's features already
     # separate the synthetic classes (linear 0.98), leaving nothing for a ViT run to show
-    "dino": {"arch": "resnet18", "lr": 0.06, "warmup_frac": 0.1,
+    "dino": {"arch": "resnet18", "steps": 300, "lr": 0.06, "warmup_frac": 0.1,
              "method_kwargs": {"out_dim": 4096, "hidden_dim": 512, "bottleneck_dim": 128,
                                "momentum_teacher": 0.99, "freeze_last_layer_epochs": 0}},
-    # patch 8: 64 tokens at 64 px (16 at patch 16, of which MAE would show the encoder 4)
-    "mae": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "lr": 1e-3, "warmup_frac": 0.1,
+    # patch 8: 64 tokens at 64 px (16 at patch 16, of which MAE would show the encoder 4);
+    # 700 steps fill its budget (EuroSAT kNN +4.4 on both seeds at 700, +2.4 at 300; 1,000
+    # gave +3.0 and +2.6)
+    "mae": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "steps": 700, "lr": 1e-3,
+            "warmup_frac": 0.1,
             "method_kwargs": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}},
-    "data2vec": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "lr": 5e-4,
-                 "warmup_frac": 0.1, "method_kwargs": {"ema_start": 0.99, "ema_end": 0.999}},
+    # targets layer-normalised over features (seed 0, 400 steps: EuroSAT linear +2.6 and kNN
+    # +0.0, against -0.4 and -4.8 at 300 steps without; lr 1e-3 or all 12 blocks as the
+    # target: less)
+    "data2vec": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "steps": 400, "lr": 5e-4,
+                 "warmup_frac": 0.1,
+                 "method_kwargs": {"ema_start": 0.99, "ema_end": 0.999,
+                                   "layer_norm_targets": True}},
 }
 
 
@@ -75,45 +86,92 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the store
+def real_patch_centres(catalog: Path, year: int) -> list[tuple[float, float, str]]:
+    """``(lon, lat, item id)`` of whole patches tiling each real Sentinel-2 scene of the
+    catalog dated in ``year`` (the seasons' year: a scene of another year is never chosen),
+    10 m inside its edges and 20 m apart, so that each patch is all real pixels."""
+    from pyproj import Transformer
+
+    from pipeline import layout
+
+    side = layout.PATCH_PIXELS * layout.PIXEL_SIZE_M
+    step, inset = side + 20, 10
+    out = []
+    for path in sorted((catalog / "items" / "sentinel-2-l2a").glob("*.json")):
+        item = json.loads(path.read_text())
+        props = item["properties"]
+        if str(props.get("ssl4eo:source", "synthetic")).startswith("synthetic"):
+            continue
+        if not str(props.get("datetime", "")).startswith(str(year)):
+            continue
+        x0, y0, x1, y1 = next(a["proj:bbox"] for a in item["assets"].values()
+                              if "proj:bbox" in a)
+        to_lonlat = Transformer.from_crs(int(props["proj:epsg"]), 4326, always_xy=True)
+        nx = int((x1 - x0 - 2 * inset + 20) // step)
+        ny = int((y1 - y0 - 2 * inset + 20) // step)
+        for i in range(nx):
+            for j in range(ny):
+                x = x0 + inset + side / 2 + i * step
+                y = y1 - inset - side / 2 - j * step
+                lon, lat = to_lonlat.transform(x, y)
+                out.append((lon, lat, item["id"]))
+    return out
+
+
 def build_store(work: Path, locations: int, real: bool) -> tuple[Path, Path]:
-    """A store of ``locations`` demo locations built from a freshly built embedded catalog
-    (demo profile, real scenes when found and ``real``), served on loopback as the demo does.
+    """A store built from a freshly built embedded catalog (demo profile, real scenes when
+    found and ``real``), served on loopback as the demo does: ``locations`` demo locations
+    around the demo cities and, with the real scenes, one location per whole patch of each
+    real Sentinel-2 scene that the seasons can choose (:func:`real_patch_centres`).
     Returns (store, catalog)."""
     from pipeline.config import load_config
     from pipeline.demo.catalog import build_catalog
     from pipeline.demo.cli import default_real_data
-    from pipeline.demo.serve import sample_and_search, start_catalog_server
+    from pipeline.demo.serve import start_catalog_server
     from pipeline.runner import BuildOptions, run_build
+    from pipeline.sampling import locations_from_points, sample, write_locations
+    from pipeline.search import search_locations
 
     catalog = work / "catalog"
     real_dir = default_real_data() if real else None
     build_catalog(catalog, profile="demo", real_data=real_dir, seed=0, progress=False)
     served = start_catalog_server(catalog, workdir=work / "serve", progress=False)
     try:
-        tables = sample_and_search(served.stac_url, work, {"num_locations": locations})
-        cfg = load_config("demo", overrides={"search": {"stac_url": served.stac_url}})
-        summary = run_build(tables["locations"], tables["scenes"], work / "cube.zarr",
+        cfg = load_config("demo", overrides={"sampling": {"num_locations": locations},
+                                             "search": {"stac_url": served.stac_url}})
+        city = sample(cfg.sampling, progress=False)
+        real_pts = real_patch_centres(catalog, cfg.seasons.year) if real_dir else []
+        lon = np.r_[city["lon"].to_numpy(), [p[0] for p in real_pts]]
+        lat = np.r_[city["lat"].to_numpy(), [p[1] for p in real_pts]]
+        src = np.r_[city["city"].to_numpy(dtype=object),
+                    np.array([f"real:{p[2]}" for p in real_pts], dtype=object)]
+        table = write_locations(locations_from_points(lon, lat, src), work / "locations.parquet",
+                                cfg)
+        scenes = work / "scenes.parquet"
+        search_locations(table, scenes, cfg, progress=False)
+        summary = run_build(table, scenes, work / "cube.zarr",
                             options=BuildOptions(provider="local", shard_samples=8),
                             client_options={"threads": 1}, overwrite=True,
                             config=cfg.to_dict(), progress=False)
     finally:
         served.stop()
-    _say(f"[store] {summary['status']} of {summary['samples']} locations; real scenes in the "
-         f"catalog: {real_dir is not None}")
+    _say(f"[store] {summary['status']} of {summary['samples']} locations ({len(real_pts)} on "
+         f"real scenes); real scenes in the catalog: {real_dir is not None}")
     return work / "cube.zarr", catalog
 
 
 # --------------------------------------------------------------------------- pretraining
 def pretrain_run(method: str, store: str, out: Path, seed: int, args: argparse.Namespace
                  ) -> dict[str, Any]:
-    """One CPU pretraining of ``args.steps`` steps in ``args.epochs`` epochs."""
+    """One CPU pretraining of ``--steps`` (or the recipe's) steps in ``args.epochs`` epochs."""
     from pipeline.train.cli import small_config
     from pipeline.train.engine import build_dataset, pretrain
 
     rec = RECIPES[method]
+    steps = args.steps or rec["steps"]
     probe_ds = build_dataset(small_config(method, store, str(out), crop_size=args.crop_size))
     n = len(probe_ds)
-    per_epoch = max(1, math.ceil(args.steps / args.epochs))
+    per_epoch = max(1, math.ceil(steps / args.epochs))
     repeats = max(1, math.ceil(per_epoch * args.batch_size / n))
     kwargs = dict(rec["method_kwargs"])
     if method == "moco":  # the queue must hold whole batches
@@ -200,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="methods to pretrain and probe")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                     help="seeds: each one pretrains, draws random weights and folds anew")
-    ap.add_argument("--steps", type=int, default=300,
-                    help="optimizer steps per pretraining run (the budget)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps per pretraining run, every method (default: each "
+                    "recipe's, sized to about 600 CPU s a run: 10 minutes of 2 cores a "
+                    "method at 2 seeds)")
     ap.add_argument("--epochs", type=int, default=3,
                     help="epochs the steps are split into (a checkpoint after each)")
     ap.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
@@ -263,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{k} {p:.3f} vs {r:.3f}" for k, (p, r) in accs.items()))
             result[method] = {**summarise(per_seed), "runs": runs,
                               "recipe": {**RECIPES[method], "batch_size": args.batch_size,
-                                         "crop_size": args.crop_size, "steps": args.steps}}
+                                         "crop_size": args.crop_size,
+                                         "steps": args.steps or RECIPES[method]["steps"]}}
     text = json.dumps(result)
     print(text, flush=True)
     if args.out:

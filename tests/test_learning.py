@@ -39,6 +39,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_store(path, 6, (S2,), size=48, shard_samples=3)
 
 
+def _learning_module():  # benchmarks/learning.py, for its recipes and store
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "learning", Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # ------------------------------------------------------------------------------ views
 def test_region_keeps_the_papers_ground_size() -> None:
     assert region_size(224) is None and region_size(256) is None  # the paper: whole patch
@@ -167,11 +177,7 @@ def test_teacher_methods_do_not_collapse(store: Path, tmp_path: Path, method: st
     # DINO and data2vec regress an EMA teacher: the trivial solution is one output for every
     # image. After a short run with the learning benchmark's settings (fast EMA), the
     # features of fresh views must still spread like those of random weights.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("learning", REPO / "benchmarks" / "learning.py")
-    learning = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learning)
+    learning = _learning_module()
     from pipeline.train.engine import pretrain
     from pipeline.train.export import load_backbone, random_backbone, spec_from_file
     from pipeline.train.probe import extract_features
@@ -195,3 +201,30 @@ def test_teacher_methods_do_not_collapse(store: Path, tmp_path: Path, method: st
     rand = feature_spread(extract_features(random_backbone(spec_from_file(summary["weights"]), 0),
                                            images, image_size=32))
     assert trained > 0.5 * rand, (trained, rand)
+
+
+# --------------------------------------------------------------------- the benchmark store
+def test_learning_store_tiles_the_real_scenes_of_the_seasons_year(tmp_path: Path) -> None:
+    # items shaped as the embedded catalog writes them: a real Major-TOM cell (1,068 px of
+    # 10 m in UTM 33N), the same cell dated another year, and a synthetic scene
+    import json
+
+    from pipeline.sampling import locations_from_points
+
+    items = tmp_path / "catalog" / "items" / "sentinel-2-l2a"
+    items.mkdir(parents=True)
+    bbox = [819627.364339148, -340.0, 830307.364339148, 10340.0]
+    for name, when, source in (("real", "2022-07-06T08:56:11Z", "Major-TOM Core-S2L2A"),
+                               ("old", "2020-07-06T08:56:11Z", "Major-TOM Core-S2L2A"),
+                               ("fake", "2022-07-06T08:56:11Z", "synthetic (seed 0)")):
+        (items / f"{name}.json").write_text(json.dumps({
+            "id": name, "properties": {"datetime": when, "ssl4eo:source": source,
+                                       "proj:epsg": 32633},
+            "assets": {"B04": {"proj:bbox": bbox, "proj:shape": [1068, 1068]}}}))
+    pts = _learning_module().real_patch_centres(tmp_path / "catalog", 2022)
+    assert len(pts) == 16 and {p[2] for p in pts} == {"real"}
+    locs = locations_from_points(np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+    assert len(locs) == 16  # none overlaps another (an overlapping point would be dropped)
+    assert (locs["epsg"] == 32633).all()
+    assert (locs["xmin"] >= bbox[0]).all() and (locs["xmax"] <= bbox[2]).all()
+    assert (locs["ymin"] >= bbox[1]).all() and (locs["ymax"] <= bbox[3]).all()
