@@ -4,10 +4,9 @@ The patches of ``benchmarks/build.py`` read without GDAL's HTTP layer: per asset
 opens the file (one ranged GET for its header), fetches the internal tiles the patch's window
 touches (all at once; obstore merges nothing, one GET per tile), and decodes them on its own
 thread pool; every asset of every patch is in flight at once, up to ``in_flight``. The decoded
-tiles are then warped onto the location's 10 m grid with GDAL (``rasterio.warp.reproject``, the
-same resampling as the build: bilinear, nearest for SCL) on as many threads as the machine has
-cores: the network is async, the warp is GDAL's (the same ``WarpedVRT``, over the decoded
-tiles in memory).
+tiles are then warped onto the location's 10 m grid by the same ``WarpedVRT`` as the rasterio
+loop (bilinear, nearest for SCL), over the tiles as an in-memory GeoTIFF, on as many threads as
+the machine has cores: the network is async, the warp is GDAL's.
 
 :func:`compare` checks the result against the rasterio loop's ``WarpedVRT`` reads (what the
 build reads): the equality a reader must pass before the build could adopt it.
@@ -31,24 +30,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from build import patch_reads, warped_read  # noqa: E402 - benchmarks/, beside this script
+
 #: the pixels beyond the window a bilinear warp may touch, plus one for GDAL's own rounding
 MARGIN_PX = 2
-
-
-def patch_reads(scenes: Path, locations: Path) -> list[tuple[str, Any, str]]:
-    """``(href, grid, resampling)`` of every asset of every patch, as the rasterio loop reads."""
-    from build import _assets, _work  # benchmarks/build.py
-
-    from pipeline.cube import Grid
-
-    tasks = []
-    for loc, m, items in _work(scenes, locations):
-        grid = Grid.from_location(loc)
-        for it in items:
-            for key in _assets(m):
-                tasks.append((it["assets"][key]["href"], grid,
-                              "nearest" if key == "SCL" else "bilinear"))
-    return tasks
 
 
 class AsyncCogReader:
@@ -157,21 +142,6 @@ def run_async_tiff(scenes: Path, locations: Path, threads: int) -> dict[str, Any
     return {"reads": len(tasks), "in_flight": 4 * max(1, threads)}
 
 
-def gdal_read(href: str, grid: Any, resampling: str) -> np.ndarray:
-    """The rasterio loop's read of one asset (``benchmarks/build.py``)."""
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-
-    from pipeline import layout
-
-    n = layout.PATCH_PIXELS
-    with rasterio.open(href) as src, WarpedVRT(
-            src, crs=f"EPSG:{grid.epsg}", transform=grid.transform, width=n, height=n,
-            resampling=Resampling[resampling]) as vrt:
-        return vrt.read(1)
-
-
 def compare(tasks: list[tuple[str, Any, str]], in_flight: int = 32) -> dict[str, Any]:
     """How many of ``tasks`` the async reader returns exactly as GDAL's WarpedVRT does, and
     the largest difference of the others."""
@@ -187,7 +157,7 @@ def compare(tasks: list[tuple[str, Any, str]], in_flight: int = 32) -> dict[str,
     same, worst = 0, 0.0
     with rasterio.Env(**GDAL_HTTP_ENV):
         for (href, grid, rs), a in zip(tasks, ours):
-            b = gdal_read(href, grid, rs)
+            b = warped_read(href, grid, rs)
             if np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
                 same += 1
             else:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,32 +74,48 @@ def _assets(modality: str) -> list[str]:
     return keys
 
 
-def run_rasterio(scenes_path: Path, locations_path: Path, threads: int) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
+def patch_reads(scenes_path: Path, locations_path: Path) -> list[tuple[str, Any, str]]:
+    """``(href, grid, resampling)`` of every asset of every patch: what the rasterio loop (and
+    ``benchmarks/async_cog.py``) read, bilinear but nearest for SCL."""
+    from pipeline.cube import Grid
 
-    import numpy as np
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-
-    from pipeline import layout
-    from pipeline.cube import GDAL_HTTP_ENV, Grid
-
-    n = layout.PATCH_PIXELS
     tasks = []
     for loc, m, items in _work(scenes_path, locations_path):
         grid = Grid.from_location(loc)
         for it in items:
             for key in _assets(m):
-                rs = Resampling.nearest if key == "SCL" else Resampling.bilinear
-                tasks.append((it["assets"][key]["href"], grid, rs))
+                tasks.append((it["assets"][key]["href"], grid,
+                              "nearest" if key == "SCL" else "bilinear"))
+    return tasks
+
+
+def warped_read(href: str, grid: Any, resampling: str):  # -> np.ndarray
+    """One asset of a patch, ``rasterio.open`` + ``WarpedVRT.read`` onto the location's grid."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    from pipeline import layout
+
+    n = layout.PATCH_PIXELS
+    with rasterio.open(href) as src, WarpedVRT(
+            src, crs=f"EPSG:{grid.epsg}", transform=grid.transform, width=n, height=n,
+            resampling=Resampling[resampling]) as vrt:
+        return vrt.read(1)
+
+
+def run_rasterio(scenes_path: Path, locations_path: Path, threads: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import rasterio
+
+    from pipeline.cube import GDAL_HTTP_ENV
+
+    tasks = patch_reads(scenes_path, locations_path)
 
     def read(task) -> float:  # noqa: ANN001
-        href, grid, rs = task
-        with rasterio.open(href) as src, WarpedVRT(
-                src, crs=f"EPSG:{grid.epsg}", transform=grid.transform, width=n, height=n,
-                resampling=rs) as vrt:
-            return float(np.asarray(vrt.read(1)).mean())
+        return float(np.asarray(warped_read(*task)).mean())
 
     with rasterio.Env(**GDAL_HTTP_ENV), ThreadPoolExecutor(threads) as pool:
         list(pool.map(read, tasks))

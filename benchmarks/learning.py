@@ -95,7 +95,8 @@ def real_patch_centres(catalog: Path, year: int) -> list[tuple[float, float, str
     from pipeline import layout
 
     side = layout.PATCH_PIXELS * layout.PIXEL_SIZE_M
-    step, inset = side + 20, 10
+    inset, gap = 10, 20
+    step = side + gap
     out = []
     for path in sorted((catalog / "items" / "sentinel-2-l2a").glob("*.json")):
         item = json.loads(path.read_text())
@@ -107,8 +108,9 @@ def real_patch_centres(catalog: Path, year: int) -> list[tuple[float, float, str
         x0, y0, x1, y1 = next(a["proj:bbox"] for a in item["assets"].values()
                               if "proj:bbox" in a)
         to_lonlat = Transformer.from_crs(int(props["proj:epsg"]), 4326, always_xy=True)
-        nx = int((x1 - x0 - 2 * inset + 20) // step)
-        ny = int((y1 - y0 - 2 * inset + 20) // step)
+        # n patches span n * side + (n - 1) * gap
+        nx = int((x1 - x0 - 2 * inset + gap) // step)
+        ny = int((y1 - y0 - 2 * inset + gap) // step)
         for i in range(nx):
             for j in range(ny):
                 x = x0 + inset + side / 2 + i * step

@@ -332,9 +332,9 @@ def auto_read_threads(latency_s: float) -> int:
 
     Even with its files read at once (:class:`ReadPool`), a cube waits a few round trips
     (each file's HEAD and header, then its tiles, then the patch rule's candidates) for about
-    0.5 s of CPU. More cubes in flight keep the core busy while
-    they wait: ``8 * (1 + latency / 50 ms)``, 8 on loopback, 11 at 20 ms, 24 at 100 ms, at most
-    64 (``benchmarks/latency.py`` measures the effect; ``--read-threads`` sets it outright)."""
+    0.5 s of CPU. More cubes in flight keep the core busy while they wait:
+    ``8 * (1 + latency / 50 ms)``, 8 on loopback, 11 at 20 ms, 24 at 100 ms, at most 64
+    (``benchmarks/latency.py`` measures the effect; ``--read-threads`` sets it outright)."""
     n = BASE_READ_THREADS * (1 + max(0.0, latency_s) / READ_THREADS_LATENCY_S)
     return int(min(MAX_READ_THREADS, max(BASE_READ_THREADS, round(n))))
 
@@ -382,11 +382,12 @@ def open_file(href: str, sign: Callable[[str], str] | None = None,
 class ReadPool:
     """Threads that read a cube's files at once: one read per scene and asset, instead of one
     after another in the cube's thread (an S2 cube of 4 scenes waits 52 round trips in turn,
-    5 s at 100 ms; read at once, about one). Used from :data:`READ_POOL_LATENCY_S` on, where the
-    waits cost more than the graph of 52 small tasks (about a quarter more CPU than one chunk
-    a cube, ``_stack``'s note). One per task, shared by its cubes; the threads hold the
-    cubes' GDAL environment (:func:`gdal_thread_env`, one executor per set of options), so the
-    readers skip their per-asset environments as the cube's own thread does."""
+    5 s at 100 ms; read at once, about one). Used from :data:`READ_POOL_LATENCY_S` on, where
+    the waits cost more than the graph of 52 small tasks (over loopback: 14 % more CPU than
+    one chunk a cube, 9.3 against 8.1 s for ``benchmarks/latency.py``'s cubes read in turn).
+    One per task, shared by its cubes; the threads hold the cubes' GDAL environment
+    (:func:`gdal_thread_env`, one executor per set of options), so the readers skip their
+    per-asset environments as the cube's own thread does."""
 
     def __init__(self, threads: int) -> None:
         self.threads = max(1, int(threads))
