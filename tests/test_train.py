@@ -321,18 +321,56 @@ def test_data2vec_targets_are_normalised_per_block_and_optionally_per_token() ->
     torch.manual_seed(0)
     spec = BackboneSpec("vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8)
     imgs = torch.randn(2, 3, 32, 32)
-    plain = Data2Vec(spec, top_k=1)
+    # block outputs (of unit scale at initialisation: the FFN outputs' tiny variance would
+    # meet the instance norm's epsilon)
+    plain = Data2Vec(spec, top_k=1, target_layer="block")
     t = plain.targets(imgs)  # one block: its instance norm, each channel over the 16 tokens
     assert t.shape == (2, 16, plain.student.embed_dim)
     assert t.mean(dim=1).abs().max() < 1e-4
     assert torch.allclose(t.var(dim=1, unbiased=False), torch.ones(2, t.shape[-1]), atol=1e-3)
     assert t.std(dim=2).sub(1).abs().max() > 0.05  # per token, the channels' scale is uneven
-    ln = Data2Vec(spec, top_k=3, layer_norm_targets=True)
+    ln = Data2Vec(spec, top_k=3, layer_norm_targets=True, target_layer="block")
     ln.load_state_dict(plain.state_dict())
     u = ln.targets(imgs)
     assert u.mean(dim=2).abs().max() < 1e-4  # each token over its features
     assert torch.allclose(u.var(dim=2, unbiased=False), torch.ones(2, 16), atol=1e-3)
     assert torch.isfinite(ln([imgs])) and not torch.allclose(u, t)
+
+
+def test_data2vec_targets_are_the_ffn_outputs_before_the_last_residual() -> None:
+    """The paper's target layer: each target block's feed-forward output before the block's
+    last residual connection ("ffn", the default), not the block's output ("block")."""
+    import torch.nn.functional as F
+
+    from pipeline.errors import UserError
+    from pipeline.train.backbones import BackboneSpec
+    from pipeline.train.methods import Data2Vec
+
+    torch.manual_seed(0)
+    spec = BackboneSpec("vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8)
+    imgs = torch.randn(2, 3, 32, 32)
+    ffn = Data2Vec(spec, top_k=1)
+    block = Data2Vec(spec, top_k=1, target_layer="block")
+    block.load_state_dict(ffn.state_dict())
+    seen = {}
+    hooks = [ffn.teacher.blocks[-1].mlp.register_forward_hook(
+                 lambda m, i, o: seen.__setitem__("mlp", o)),
+             block.teacher.blocks[-1].register_forward_hook(
+                 lambda m, i, o: seen.__setitem__("block", o))]
+    try:
+        t_ffn, t_block = ffn.targets(imgs), block.targets(imgs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def inorm(y: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(y[:, 1:].float().transpose(1, 2)).transpose(1, 2)
+
+    assert torch.allclose(t_ffn, inorm(seen["mlp"]), atol=1e-5)
+    assert torch.allclose(t_block, inorm(seen["block"]), atol=1e-5)
+    assert not torch.allclose(t_ffn, t_block, atol=1e-2)
+    with pytest.raises(UserError, match="target_layer"):
+        Data2Vec(spec, target_layer="attn")
 
 
 # ------------------------------------------------------------------------------- probe

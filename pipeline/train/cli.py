@@ -69,6 +69,7 @@ _METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "ema_start": {"data2vec": "ema_start"},
     "ema_end": {"data2vec": "ema_end"},
     "layer_norm_targets": {"data2vec": "layer_norm_targets"},
+    "target_layer": {"data2vec": "target_layer"},
 }
 
 
@@ -225,6 +226,10 @@ def _add_pretrain(subparsers: Any) -> None:
     mo.add_argument("--layer-norm-targets", action="store_true", default=None,
                     help="data2vec: layer-normalise the averaged target over its features "
                     "(after each block's instance norm over tokens; off by default)")
+    mo.add_argument("--target-layer", choices=("ffn", "block"), default=None,
+                    help="data2vec: what of each target block the teacher regresses: ffn (the "
+                    "paper's: its feed-forward output before the last residual connection; "
+                    "default) or block (the block's output)")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available")

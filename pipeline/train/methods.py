@@ -482,13 +482,16 @@ class Data2Vec(Method):
     """data2vec (Baevski et al. 2022) for images on a timm ViT.
 
     The student sees the image with masked patches replaced by a learned mask token and
-    regresses, at the masked positions, the average of the teacher's top-K block outputs (each
+    regresses, at the masked positions, the average of the teacher's top-K block targets (each
     instance-normalised over tokens); the teacher is an EMA of the student with momentum
     0.999 -> 0.9998 (linear over training). Paper: ViT-S/16, 120 of 196 patches masked, target
     layers 6-11 (K = 6). Masking here is random per patch (BEiT uses block-wise masking).
-    ``layer_norm_targets`` adds fairseq's parameter-less layer norm over features of the
-    averaged target (instance norm per block -> average -> layer norm), which puts back, per
-    token, the scale that the per-block instance norm over tokens leaves uneven across channels.
+    The target of a block is its feed-forward output before its last residual connection, as
+    in the paper (``target_layer="ffn"``; ``"block"``: the block's output, residual stream
+    included). ``layer_norm_targets`` adds fairseq's parameter-less layer norm over features
+    of the averaged target (instance norm per block -> average -> layer norm), which puts
+    back, per token, the scale that the per-block instance norm over tokens leaves uneven
+    across channels.
     """
 
     name = "data2vec"
@@ -496,8 +499,10 @@ class Data2Vec(Method):
 
     def __init__(self, spec: BackboneSpec, mask_fraction: float = 120 / 196, top_k: int = 6,
                  ema_start: float = 0.999, ema_end: float = 0.9998,
-                 layer_norm_targets: bool = False) -> None:
+                 layer_norm_targets: bool = False, target_layer: str = "ffn") -> None:
         super().__init__()
+        if target_layer not in ("ffn", "block"):
+            raise UserError(f"data2vec target_layer must be 'ffn' or 'block', got {target_layer!r}")
         if not spec.is_vit:
             raise UserError(f"data2vec needs a ViT backbone (e.g. vit_small_patch16_224), got {spec.arch!r}")
         self.student = create_backbone(spec)
@@ -510,6 +515,7 @@ class Data2Vec(Method):
         self.top_k = min(top_k, len(self.student.blocks))
         self.ema_start, self.ema_end = ema_start, ema_end
         self.layer_norm_targets = layer_norm_targets
+        self.target_layer = target_layer
 
     @property
     def backbone(self) -> nn.Module:
@@ -553,9 +559,16 @@ class Data2Vec(Method):
         y = t.norm_pre(y)
         outs = []
         for i, blk in enumerate(t.blocks):
-            y = blk(y)
-            if i >= len(t.blocks) - self.top_k:
-                outs.append(F.instance_norm(y[:, 1:].float().transpose(1, 2)).transpose(1, 2))
+            if i < len(t.blocks) - self.top_k:
+                y = blk(y)
+                continue
+            if self.target_layer == "ffn":  # timm's Block.forward, its FFN output kept
+                y = y + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(y))))
+                out = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+                y = y + out
+            else:
+                y = out = blk(y)
+            outs.append(F.instance_norm(out[:, 1:].float().transpose(1, 2)).transpose(1, 2))
         target = sum(outs) / len(outs)
         if self.layer_norm_targets:
             target = F.layer_norm(target, target.shape[-1:])
