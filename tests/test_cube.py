@@ -123,6 +123,46 @@ def test_synthetic_s2_every_band_and_harmonised(synth: dict, resampling: str) ->
     assert float(ds.valid_fraction[0]) == 1.0
 
 
+@pytest.mark.parametrize("resampling", ["bilinear", "nearest"])
+def test_files_on_the_grid_are_read_unwarped_with_the_same_pixels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resampling: str) -> None:
+    """Scenes on the grid's 10 m lattice (same zone, whole-pixel offset): their 10 m files are
+    read at the shifted window, not warped (:class:`pipeline.cube.OnGridDataset`), the 20 m /
+    60 m ones are warped as before, and every band equals GDAL's warp, over the scene's edge
+    (outside: the file's nodata) and its nodata rows and columns included."""
+    s2 = s2_scene(tmp_path, "S2_on_grid", 32633, 500000.0, 5000000.0, SEASON_DATES[0],
+                  seed=3, nodata_rows=30)
+    s1 = s1_scene(tmp_path, "S1_on_grid", 32633, 500000.0, 5000000.0, SEASON_DATES[0],
+                  nodata_cols=40)
+    read = []
+    orig = cube.OnGridDataset.read
+    monkeypatch.setattr(cube.OnGridDataset, "read",
+                        lambda self, window, **kw: read.append(1) or orig(self, window, **kw))
+    ten_m = [b for b in layout.BANDS["S2L2A"] if layout.S2_BAND_GSD[b] == 10]
+    for grid in (cube.Grid(32633, (500100.0, 4997200.0, 502740.0, 4999840.0)),  # inside
+                 cube.Grid(32633, (499000.0, 4998700.0, 501640.0, 5001340.0))):  # over a corner
+        read.clear()
+        ds = cube.s2_cube([s2], grid, provider=LOCAL, resampling=resampling).compute()
+        assert len(read) == len(ten_m)  # the 10 m bands only
+        for i, band in enumerate(layout.BANDS["S2L2A"]):
+            ref = reference(s2["assets"][band]["href"], grid, resampling)
+            assert np.array_equal(ds.bands.values[0, i], ref), (grid, band)
+        read.clear()
+        lin = cube.s1_cube([s1], grid, provider=LOCAL, resampling=resampling,
+                           compute=True).bands.values[0]
+        assert len(read) == 2
+        for i, pol in enumerate(("vv", "vh")):
+            ref = reference(s1["assets"][pol]["href"], grid, resampling)
+            want = cube.rtc_to_db(np.where(ref == layout.S1_RTC_FILE_NODATA, np.nan, ref))
+            assert np.array_equal(lin[i], want, equal_nan=True), (grid, pol)
+    # not on the lattice (3 m off): warped, as every file was before
+    off = s2_scene(tmp_path, "S2_off_grid", 32633, 500003.0, 5000000.0, SEASON_DATES[0])
+    read.clear()
+    cube.s2_cube([off], cube.Grid(32633, (500100.0, 4997200.0, 502740.0, 4999840.0)),
+                 provider=LOCAL).compute()
+    assert read == []
+
+
 def test_offset_conventions(synth: dict) -> None:
     grid = synth["grid"]
     v11 = cube.s2_cube(synth["s2"], grid, provider=LOCAL).bands.values
