@@ -276,6 +276,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # a build's burst of new connections (see AssetServer): socketserver's backlog of 5 drops
+    # the handshakes beyond it, a second or more each, which is not what latency means
+    request_queue_size = 1024
     proxy: FaultProxy
 
 

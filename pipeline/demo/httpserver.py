@@ -272,10 +272,15 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
 
 
 class AssetServer(ThreadingHTTPServer):
-    """Threaded HTTP server whose connection errors from clients that hang up stay quiet."""
+    """Threaded HTTP server whose connection errors from clients that hang up stay quiet.
+
+    Its listen backlog holds a build's burst of new connections (socketserver's default of 5
+    does not: the kernel then drops the handshakes beyond it, and each waits a retransmission
+    of a second or more, where object storage answers at once)."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
