@@ -212,19 +212,12 @@ class RetryingRioReader(AutoParallelRioReader):
             self._pending = (whole, prefetch.executor.submit(self._read_retrying, whole))
 
     def _open(self):  # noqa: ANN202 - stackstac's ThreadsafeRioDataset
-        if self.sign is not None:
-            self.url = self.sign(self.href)
-        return super()._open()
-
-    @property
-    def dataset(self):  # noqa: ANN202 - stackstac's ThreadsafeRioDataset
         """stackstac's dataset (a ``WarpedVRT`` onto the cube's grid), or, for a file already
         on that grid (:func:`grid_offset`), the file itself read at the shifted window
         (:class:`OnGridDataset`): GDAL's warp of such a file copies its pixels, at more CPU."""
-        with self._dataset_lock:
-            if self._dataset is None:
-                self._dataset = OnGridDataset.wrap(self._open(), self.spec, self.resampling)
-            return self._dataset
+        if self.sign is not None:
+            self.url = self.sign(self.href)
+        return OnGridDataset.wrap(super()._open(), self.spec, self.resampling)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "url": self.href, "sign": self.sign,
@@ -547,7 +540,9 @@ class Prefetch:
     so a one-chunk cube whose readers have already started reads every file at once, with
     the graph of one chunk (a chunk per scene and asset, read at once by dask, cost 10-15 %
     more CPU). Tokenised as a constant and pickled empty: it changes no graph name, and a
-    reader unpickled elsewhere reads as it would without it."""
+    reader unpickled elsewhere reads as it would without it. A reader whose asset the chunk
+    then skips (its footprint misses the patch; the search keeps only items that cover it)
+    has read in vain."""
 
     def __init__(self, executor: Any) -> None:
         self.executor = executor
