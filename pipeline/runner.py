@@ -760,6 +760,10 @@ def run_build(
         if own:
             client = make_client(**dict(client_options or {}))
         try:
+            from .dask_plugins import NoTaskProfiler
+
+            # before any task: Dask's task profiler can deadlock a Python 3.11 worker
+            client.register_plugin(NoTaskProfiler())
             if progress:
                 print(f"ssl4eo build: {len(todo)} shard task(s); dashboard: "
                       f"{client.dashboard_link}", flush=True)

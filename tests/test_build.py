@@ -24,6 +24,7 @@ import xarray as xr
 
 from pipeline import layout
 from pipeline.cli import main
+from pipeline.dask_plugins import profiler_can_deadlock
 from pipeline.store import read_status
 
 SSL4EO = [sys.executable, "-m", "pipeline.cli"]
@@ -182,14 +183,22 @@ def test_separate_scheduler_and_two_workers(demo_tables: dict, clean_store: Path
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         from distributed import Client
 
+        def profiling(dask_worker) -> bool:  # noqa: ANN001 - a distributed.Worker
+            return "profile" in dask_worker.periodic_callbacks
+
         with Client(address, timeout="30s") as c:
             c.wait_for_workers(2, timeout=60)
             assert len(c.scheduler_info()["workers"]) == 2
+            assert all(c.run(profiling).values())  # Dask's default: the task profiler on
         store = tmp_path / "cube.zarr"
         rc = subprocess.run(_build_cmd(demo_tables, store, "--scheduler", address),
                             capture_output=True, text=True, timeout=600)
         assert rc.returncode == 0, rc.stdout + rc.stderr
         assert_same_store(store, clean_store)
+        # the build stopped the task profiler of workers it did not start, on Python 3.11
+        # (pipeline.dask_plugins: it can deadlock a worker there)
+        with Client(address, timeout="30s") as c:
+            assert set(c.run(profiling).values()) == {not profiler_can_deadlock()}
     finally:
         for p in procs:
             if p.poll() is None:
