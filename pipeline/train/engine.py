@@ -531,7 +531,7 @@ def pretrain(cfg: TrainConfig, dataset: Any | None = None) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": cfg.method, "epochs_done": st.epoch, "step": st.step,
                                 "crop_size": cfg.crop_size}
         meta.update(input_metadata(dataset, cfg.modalities))
-        export_backbone(model.backbone, weights, spec, **meta)
+        export_backbone(model.exported, weights, spec, **meta)
     summary = {"method": cfg.method, "arch": cfg.arch, "epochs": st.epoch, "steps": st.step,
                "world_size": world, "global_batch": global_batch, "base_lr": base_lr,
                "history": history, "weights": str(weights), "checkpoint": str(ckpt_path),

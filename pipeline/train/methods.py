@@ -7,7 +7,9 @@ Every method is an ``nn.Module`` with the same small interface, which the engine
   not change any state except through autograd.
 * ``after_step(step, total_steps)``: the non-gradient updates after ``optimizer.step()``:
   EMA teachers / key encoders, MoCo's queue, DINO's centre.
-* ``backbone``: the student timm model, exported as the pretrained weights.
+* ``backbone``: the student timm model (the one the optimizer trains); ``exported``: the
+  timm model written as the pretrained weights, the backbone except for DINO, whose EMA
+  teacher is (the DINO paper evaluates and releases the teacher).
 * all state needed for exact resume (queue, centre, teacher) is in ``state_dict()``.
 
 Defaults are the paper's (``docs/reference/ssl4eo_anchors.md`` section 1.5); the constructors
@@ -92,6 +94,11 @@ class Method(nn.Module):
     @property
     def backbone(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def exported(self) -> nn.Module:
+        """The encoder written as the pretrained weights (default: the backbone)."""
+        return self.backbone
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Non-gradient state updates after the optimizer step (default: none)."""
@@ -309,6 +316,14 @@ class DINO(Method):
     @property
     def backbone(self) -> nn.Module:
         return self.student
+
+    @property
+    def exported(self) -> nn.Module:
+        # the teacher, as DINO's own evaluation (eval_knn.py / eval_linear.py default to the
+        # checkpoint's "teacher") and SSL4EO-S12's released DINO weights: an average of the
+        # student over its last steps, and ahead of it on every probe of
+        # benchmarks/learning.py here (README "Does pretraining learn?")
+        return self.teacher
 
     def backbones(self) -> list[nn.Module]:
         return [self.student, self.teacher]
