@@ -380,6 +380,44 @@ def test_data2vec_targets_are_the_ffn_outputs_before_the_last_residual() -> None
         Data2Vec(spec, target_layer="attn")
 
 
+def test_data2vec_masks_rectangles_of_patches_as_beit() -> None:
+    """The paper's masking (BEiT's block-wise): about the share of the grid, in rectangles, so
+    a masked patch's neighbours are masked far more often than with patches drawn at random;
+    a seeded run masks alike."""
+    import torch.nn.functional as F
+
+    from pipeline.errors import UserError
+    from pipeline.train.backbones import BackboneSpec
+    from pipeline.train.methods import Data2Vec, block_mask
+
+    def neighbours_masked(m: torch.Tensor) -> float:  # share of masked 4-neighbours
+        m = m.float()
+        pad = F.pad(m, (1, 1, 1, 1))
+        masked = pad[:-2, 1:-1] + pad[2:, 1:-1] + pad[1:-1, :-2] + pad[1:-1, 2:]
+        inside = F.pad(torch.ones_like(m), (1, 1, 1, 1))
+        around = inside[:-2, 1:-1] + inside[2:, 1:-1] + inside[1:-1, :-2] + inside[1:-1, 2:]
+        return float((masked * m).sum() / (around * m).sum())
+
+    torch.manual_seed(0)
+    blocks = [block_mask((8, 8), 39) for _ in range(100)]
+    counts = [int(b.sum()) for b in blocks]
+    assert max(counts) == 39 and min(counts) >= 33 and sum(counts) / 100 > 38
+    assert all(b.shape == (8, 8) and b.dtype == torch.bool for b in blocks)
+    spec = BackboneSpec("vit_tiny_patch16_224", in_chans=3, img_size=32, patch_size=8)
+    random_masks = Data2Vec(spec, masking="random")._mask(100, (8, 8), torch.device("cpu"))
+    block_share = sum(neighbours_masked(b) for b in blocks) / 100
+    random_share = sum(neighbours_masked(r.view(8, 8)) for r in random_masks) / 100
+    assert block_share > 0.8 and random_share < 0.7, (block_share, random_share)
+    torch.manual_seed(1)
+    a = block_mask((14, 14), 120)
+    torch.manual_seed(1)
+    assert torch.equal(a, block_mask((14, 14), 120)) and 110 <= int(a.sum()) <= 120
+    d2v = Data2Vec(spec, top_k=2)  # the default: block masking, on a 4 x 4 grid here
+    assert d2v.masking == "block" and torch.isfinite(d2v([torch.randn(2, 3, 32, 32)]))
+    with pytest.raises(UserError, match="masking"):
+        Data2Vec(spec, masking="tube")
+
+
 # ------------------------------------------------------------------------------- probe
 @pytest.fixture(scope="module")
 def weights(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -70,6 +70,7 @@ _METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "ema_end": {"data2vec": "ema_end"},
     "layer_norm_targets": {"data2vec": "layer_norm_targets"},
     "target_layer": {"data2vec": "target_layer"},
+    "masking": {"data2vec": "masking"},
 }
 
 
@@ -230,6 +231,9 @@ def _add_pretrain(subparsers: Any) -> None:
                     help="data2vec: what of each target block the teacher regresses: ffn (the "
                     "paper's: its feed-forward output before the last residual connection; "
                     "default) or block (the block's output)")
+    mo.add_argument("--masking", choices=("block", "random"), default=None,
+                    help="data2vec: which patches are masked: block (the paper's, BEiT's "
+                    "rectangles of patches; default) or random (each patch independently)")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available")

@@ -501,7 +501,9 @@ class Data2Vec(Method):
     regresses, at the masked positions, the average of the teacher's top-K block targets (each
     instance-normalised over tokens); the teacher is an EMA of the student with momentum
     0.999 -> 0.9998 (linear over training). Paper: ViT-S/16, 120 of 196 patches masked, target
-    layers 6-11 (K = 6). Masking here is random per patch (BEiT uses block-wise masking).
+    layers 6-11 (K = 6), masked BEiT's way (``masking="block"``, the default: rectangles of
+    patches, :func:`block_mask`, until the share is reached; ``"random"``: patches drawn
+    independently).
     The target of a block is its feed-forward output before its last residual connection, as
     in the paper (``target_layer="ffn"``; ``"block"``: the block's output, residual stream
     included). ``layer_norm_targets`` adds fairseq's parameter-less layer norm over features
@@ -515,10 +517,13 @@ class Data2Vec(Method):
 
     def __init__(self, spec: BackboneSpec, mask_fraction: float = 120 / 196, top_k: int = 6,
                  ema_start: float = 0.999, ema_end: float = 0.9998,
-                 layer_norm_targets: bool = False, target_layer: str = "ffn") -> None:
+                 layer_norm_targets: bool = False, target_layer: str = "ffn",
+                 masking: str = "block") -> None:
         super().__init__()
         if target_layer not in ("ffn", "block"):
             raise UserError(f"data2vec target_layer must be 'ffn' or 'block', got {target_layer!r}")
+        if masking not in ("random", "block"):
+            raise UserError(f"data2vec masking must be 'random' or 'block', got {masking!r}")
         if not spec.is_vit:
             raise UserError(f"data2vec needs a ViT backbone (e.g. vit_small_patch16_224), got {spec.arch!r}")
         self.student = create_backbone(spec)
@@ -532,6 +537,7 @@ class Data2Vec(Method):
         self.ema_start, self.ema_end = ema_start, ema_end
         self.layer_norm_targets = layer_norm_targets
         self.target_layer = target_layer
+        self.masking = masking
 
     @property
     def backbone(self) -> nn.Module:
@@ -544,8 +550,11 @@ class Data2Vec(Method):
         # student blocks run as one stack; the teacher's are read out one by one
         return [self.student.blocks, *self.teacher.blocks]
 
-    def _mask(self, n: int, length: int, device: torch.device) -> torch.Tensor:
+    def _mask(self, n: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        length = grid[0] * grid[1]
         num = max(1, round(length * self.mask_fraction))
+        if self.masking == "block":
+            return torch.stack([block_mask(grid, num) for _ in range(n)]).flatten(1).to(device)
         ids = torch.argsort(torch.rand(n, length, device=device), dim=1)[:, :num]
         mask = torch.zeros(n, length, dtype=torch.bool, device=device)
         mask.scatter_(1, ids, True)
@@ -556,7 +565,10 @@ class Data2Vec(Method):
         s = self.student
         tok = s.patch_embed(imgs)
         n, length, _ = tok.shape
-        mask = self._mask(n, length, tok.device)
+        ph, pw = s.patch_embed.patch_size
+        grid = (imgs.shape[-2] // ph, imgs.shape[-1] // pw)
+        assert grid[0] * grid[1] == length, (grid, length)
+        mask = self._mask(n, grid, tok.device)
         w = mask.unsqueeze(-1).to(tok.dtype)
         tok = tok * (1 - w) + self.mask_token.to(tok.dtype) * w
         x = torch.cat([vit_cls_token(s, n), tok + s.pos_embed[:, 1:]], dim=1)
@@ -595,6 +607,44 @@ class Data2Vec(Method):
         frac = min(1.0, step / max(total_steps, 1))
         m = self.ema_start + (self.ema_end - self.ema_start) * frac
         ema_update(self.teacher, self.student, m)
+
+
+def block_mask(grid: tuple[int, int], num: int, min_share: float = 16 / 196,
+               aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """BEiT's block-wise mask ``[H, W]`` (bool) of about ``num`` of the grid's patches, as
+    data2vec masks images: rectangles of at least ``min_share`` of the grid (BEiT: 16 of
+    196 patches) with an aspect ratio drawn log-uniformly in ``aspect``, each of an area drawn
+    up to what is still to mask, added while a rectangle adds patches without overshooting
+    (10 tries per rectangle); it may stop a few patches short of ``num``. Drawn with torch's
+    generator, so that a seeded run masks alike."""
+    h, w = grid
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    lo = max(1.0, min_share * h * w)
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    count = 0
+    while count < num:
+        left_to_mask = num - count
+        added = 0
+        for _ in range(10):
+            u, v = torch.rand(2).tolist()
+            area = lo + (left_to_mask - lo) * u  # between the smallest block and what is left
+            ratio = math.exp(log_lo + (log_hi - log_lo) * v)
+            bh = round(math.sqrt(area * ratio))
+            bw = round(math.sqrt(area / ratio))
+            if not (0 < bh < h and 0 < bw < w):
+                continue
+            top = int(torch.randint(0, h - bh + 1, ()))
+            left = int(torch.randint(0, w - bw + 1, ()))
+            block = mask[top:top + bh, left:left + bw]
+            new = bh * bw - int(block.sum())
+            if 0 < new <= left_to_mask:
+                block[...] = True
+                added = new
+                break
+        if not added:
+            break
+        count += added
+    return mask
 
 
 def build_method(method: str, spec: BackboneSpec, **kwargs: Any) -> Method:
