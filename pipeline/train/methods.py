@@ -564,11 +564,9 @@ class Data2Vec(Method):
         imgs = views[0]
         s = self.student
         tok = s.patch_embed(imgs)
-        n, length, _ = tok.shape
-        ph, pw = s.patch_embed.patch_size
-        grid = (imgs.shape[-2] // ph, imgs.shape[-1] // pw)
-        assert grid[0] * grid[1] == length, (grid, length)
-        mask = self._mask(n, grid, tok.device)
+        n = tok.shape[0]
+        # the ViT's own grid: its position embedding (added below) is of that size
+        mask = self._mask(n, vit_grid(s), tok.device)
         w = mask.unsqueeze(-1).to(tok.dtype)
         tok = tok * (1 - w) + self.mask_token.to(tok.dtype) * w
         x = torch.cat([vit_cls_token(s, n), tok + s.pos_embed[:, 1:]], dim=1)
